@@ -1,0 +1,106 @@
+"""Typed configuration, one model per function, read once from the environment.
+
+Missing or invalid settings fail loudly naming the setting, never its value (some
+are secrets). Settings that differ per deployment have no silent default.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from functools import cache
+from typing import Literal, TypeVar
+
+from pydantic import (
+    AnyHttpUrl,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from fleet.errors import ConfigurationError
+from fleet.migrations import ProfileChoice, Role
+
+
+class _EnvModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="ignore", populate_by_name=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: object) -> object:
+        # CloudFormation passes "" for an optional parameter left empty.
+        return None if value == "" else value
+
+
+class DatabaseSettings(_EnvModel):
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    db_secret_arn: str | None = Field(None, alias="DB_SECRET_ARN")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DatabaseSettings:
+        if not self.database_url and not self.db_secret_arn:
+            raise ValueError("set DATABASE_URL or DB_SECRET_ARN")
+        return self
+
+
+class BootstrapConfig(DatabaseSettings):
+    role: Role = Field(alias="FLEET_ROLE")
+    database_profile: ProfileChoice = Field("auto", alias="DATABASE_PROFILE")
+
+
+class IngestConfig(DatabaseSettings):
+    max_body_bytes: int = Field(4_000_000, alias="MAX_BODY_BYTES", gt=0, le=4_500_000)
+    max_decompressed_bytes: int = Field(16_000_000, alias="MAX_DECOMPRESSED_BYTES", gt=0)
+    max_items: int = Field(10_000, alias="MAX_ITEMS", gt=0)
+    max_future_seconds: int = Field(86_400, alias="MAX_FUTURE_SECONDS", ge=0)
+    statement_timeout_ms: int = Field(20_000, alias="STATEMENT_TIMEOUT_MS", gt=0)
+    hourly_refresh_window_days: int = Field(30, alias="HOURLY_REFRESH_WINDOW_DAYS", gt=0)
+
+
+class PushConfig(_EnvModel):
+    database_url: str | None = Field(None, alias="DATABASE_URL")
+    db_secret_arn: str | None = Field(None, alias="DB_SECRET_ARN")
+    ingest_url: AnyHttpUrl = Field(alias="INGEST_URL")
+    ingest_token: str | None = Field(None, alias="INGEST_TOKEN")
+    ingest_token_secret_arn: str | None = Field(None, alias="INGEST_TOKEN_SECRET_ARN")
+    state_table: str = Field(alias="PUSH_STATE_TABLE")
+    dynamodb_endpoint: str | None = Field(None, alias="DYNAMODB_ENDPOINT_URL")
+    batch_size: int = Field(5_000, alias="PUSH_BATCH_SIZE", gt=0, le=50_000)
+    max_batches: int = Field(3, alias="PUSH_MAX_BATCHES", gt=0, le=100)
+    connect_timeout_s: float = Field(3.0, alias="PUSH_CONNECT_TIMEOUT_S", gt=0)
+    read_timeout_s: float = Field(20.0, alias="PUSH_READ_TIMEOUT_S", gt=0)
+    lease_seconds: int = Field(120, alias="PUSH_LEASE_SECONDS", gt=0)
+    full_resend_seconds: int = Field(3600, alias="PUSH_FULL_RESEND_SECONDS", gt=0)
+    mode: Literal["client"] = "client"
+
+    @model_validator(mode="after")
+    def _sources(self) -> PushConfig:
+        if not self.database_url and not self.db_secret_arn:
+            raise ValueError("set DATABASE_URL or DB_SECRET_ARN")
+        if not self.ingest_token and not self.ingest_token_secret_arn:
+            raise ValueError("set INGEST_TOKEN_SECRET_ARN (or INGEST_TOKEN for a local run)")
+        return self
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load[M: BaseModel](model: type[M], environ: Mapping[str, str] | None = None) -> M:
+    """Validate ``environ`` (default: the process environment) into ``model``."""
+    try:
+        return model.model_validate(dict(os.environ if environ is None else environ))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            where = ".".join(str(p) for p in err["loc"]) or "configuration"
+            problems.append(f"{where}: {err['msg']}")
+        raise ConfigurationError(f"invalid {model.__name__}: " + "; ".join(problems)) from None
+
+
+@cache
+def cached[M: BaseModel](model: type[M]) -> M:
+    """``load`` once per process (cold start)."""
+    return load(model)
