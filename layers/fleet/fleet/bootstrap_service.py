@@ -1,0 +1,61 @@
+"""What the bootstrap custom resource and ``fleet db migrate`` do: migrations and
+profile set-up for a stack's role, and the Admin database's scheduled maintenance."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fleet import db
+from fleet.migrations import ProfileChoice, Role, migrate
+from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, refresh_queued_ranges
+
+
+@dataclass
+class BootstrapOutcome:
+    role: Role
+    profile: str
+    applied: list[str]
+    already_applied: list[str]
+    changes: list[str]
+
+    def as_data(self) -> dict[str, Any]:
+        """Custom-resource Data (values must be strings for Fn::GetAtt)."""
+        return {
+            "Role": self.role,
+            "Profile": self.profile,
+            "Applied": ",".join(self.applied) or "-",
+            "Changes": "; ".join(self.changes)[:1000] or "-",
+        }
+
+
+def bootstrap(
+    conninfo: str,
+    role: Role,
+    requested: ProfileChoice = "auto",
+    settings: ProfileSettings | None = None,
+) -> BootstrapOutcome:
+    settings = settings or ProfileSettings()
+    with db.connect(conninfo) as conn:
+        result = migrate(conn, role, requested)
+        changes: list[str] = []
+        if role == "admin":
+            changes = apply_profile(conn, result.profile, settings).changes
+    return BootstrapOutcome(role, result.profile, result.applied, result.already_applied, changes)
+
+
+def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str, Any]:
+    """Admin maintenance: partitions ahead (postgres) and queued aggregate refreshes."""
+    settings = settings or ProfileSettings()
+    with db.connect(conninfo) as conn:
+        from fleet.migrations import applied_profile
+
+        profile = applied_profile(conn, "admin")
+        if profile is None:
+            raise RuntimeError("the admin database has not been bootstrapped")
+        created = 0
+        if profile == "postgres":
+            with conn.transaction():
+                created = ensure_partitions(conn, settings.partitions_ahead)
+        refreshed = refresh_queued_ranges(conn, profile)
+    return {"profile": profile, "partitions_created": created, "ranges_refreshed": refreshed}
