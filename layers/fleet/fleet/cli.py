@@ -1,0 +1,142 @@
+"""The ``fleet`` command line: migrations, customers, the local runner, the demo
+and the fleet status. ``DATABASE_URL`` is the default database everywhere."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from fleet.errors import FleetError
+
+
+def _database_url(args: argparse.Namespace) -> str:
+    url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
+    if not url:
+        raise SystemExit("error: no database: pass --database-url or set DATABASE_URL")
+    return str(url)
+
+
+def _cmd_migrate(args: argparse.Namespace) -> int:
+    from fleet import db
+    from fleet.migrations import migrate
+    from fleet.profiles import ProfileSettings, apply_profile
+
+    with db.connect(_database_url(args)) as conn:
+        result = migrate(conn, args.role, args.profile)
+        changes: list[str] = []
+        if args.role == "admin":
+            changes = apply_profile(conn, result.profile, ProfileSettings()).changes
+    print(f"role: {result.role}")
+    print(f"profile: {result.profile}")
+    for name in result.applied:
+        print(f"applied: {name}")
+    if not result.applied:
+        print(f"nothing to apply ({len(result.already_applied)} migrations already applied)")
+    for change in changes:
+        print(f"profile set-up: {change}")
+    return 0
+
+
+def _cmd_customers(args: argparse.Namespace) -> int:
+    from fleet import customers, db
+
+    with db.connect(_database_url(args)) as conn:
+        result: Any
+        if args.action == "create":
+            result = customers.create(conn, args.id, args.name).as_dict()
+            if not args.json:
+                print(f"customer {args.id} created")
+                print(f"token (shown once, store it now): {result['token']}")
+                return 0
+        elif args.action == "list":
+            result = customers.list_customers(conn)
+            if not args.json:
+                for c in result:
+                    print(
+                        f"{c['id']:<16} {c['status']:<9} tokens={c['live_tokens']} "
+                        f"last_seen={c['last_seen_at'] or '-'}  {c['name']}"
+                    )
+                return 0
+        elif args.action == "rotate-token":
+            issued = customers.rotate_token(conn, args.id, timedelta(days=args.grace_days))
+            result = issued.as_dict()
+            if not args.json:
+                print(f"new token for {args.id} (shown once): {issued.token}")
+                print(f"older tokens keep working for {args.grace_days} days")
+                return 0
+        elif args.action == "revoke-token":
+            result = {"revoked": customers.revoke_tokens(conn, args.id, keep_newest=args.keep_newest)}
+        else:
+            status = "disabled" if args.action == "disable" else "active"
+            customers.set_status(conn, args.id, status)
+            result = {"customer_id": args.id, "status": status}
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    dbp = sub.add_parser("db", help="database migrations").add_subparsers(dest="db_command", required=True)
+    mig = dbp.add_parser("migrate", help="apply the migrations of a role")
+    mig.add_argument("--role", choices=["admin", "client"], required=True)
+    mig.add_argument("--profile", choices=["auto", "timescale", "postgres"], default="auto")
+    mig.add_argument("--database-url")
+    mig.set_defaults(func=_cmd_migrate)
+
+    cust = sub.add_parser("customers", help="customer administration (Admin database)")
+    cust.add_argument("--database-url")
+    csub = cust.add_subparsers(dest="action", required=True)
+    create = csub.add_parser("create", help="create a customer and print its token once")
+    create.add_argument("id")
+    create.add_argument("--name", required=True)
+    create.add_argument("--json", action="store_true")
+    lst = csub.add_parser("list")
+    lst.add_argument("--json", action="store_true")
+    rot = csub.add_parser("rotate-token", help="issue a new token; old ones expire after a grace period")
+    rot.add_argument("id")
+    rot.add_argument("--grace-days", type=int, default=7)
+    rot.add_argument("--json", action="store_true")
+    rev = csub.add_parser("revoke-token", help="revoke the customer's tokens at once")
+    rev.add_argument("id")
+    rev.add_argument("--keep-newest", action="store_true", help="keep the newest token (end a rotation early)")
+    for name in ("disable", "enable"):
+        p = csub.add_parser(name)
+        p.add_argument("id")
+    for p in (rev, *[csub.choices[n] for n in ("disable", "enable")]):
+        p.set_defaults(json=True)
+    cust.set_defaults(func=_cmd_customers)
+
+    _add_local_commands(sub)
+    return parser
+
+
+def _add_local_commands(sub: Any) -> None:
+    """``local``, ``demo`` and ``status`` live in their own modules (dev tooling)."""
+    import importlib
+
+    try:
+        local_cli = importlib.import_module("fleet.local_cli")
+    except ImportError:  # the Lambda layer does not need them
+        return
+    local_cli.register(sub)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except FleetError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

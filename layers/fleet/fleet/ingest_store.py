@@ -1,0 +1,368 @@
+"""Data access for the ingest: token lookup, the batch write, the audit trail,
+the quarantine and the ledger. Every statement is parameterised; rows travel as
+arrays through ``unnest`` (one round trip per batch, no server-side prepared
+statements, no temporary tables: nothing that pins an RDS Proxy session).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+
+from fleet.models import BatchType, Device, Measurement, Site
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    customer_id: str
+    status: str
+
+    @property
+    def active(self) -> bool:
+        return self.status == "active"
+
+
+@dataclass
+class Reject:
+    index: int | None
+    reason: str
+    payload: str
+
+
+@dataclass
+class AuditRecord:
+    customer_id: str
+    batch_type: str | None
+    batch_id: uuid.UUID | None
+    client_cursor: str | None
+    status: int
+    bytes: int
+    decompressed_bytes: int | None = None
+    accepted: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    min_time: datetime | None = None
+    max_time: datetime | None = None
+    duration_ms: float | None = None
+    error: str | None = None
+    rejects: list[Reject] = field(default_factory=list)
+
+
+@dataclass
+class WriteOutcome:
+    accepted: int
+    duplicates: int
+    min_time: datetime | None = None
+    max_time: datetime | None = None
+
+
+def find_token_owner(conn: psycopg.Connection, token_sha256: bytes) -> TokenOwner | None:
+    """The customer of a live token (not revoked, not expired), by its hash."""
+    row = conn.execute(
+        "SELECT c.id, c.status FROM fleet.customer_tokens t"
+        " JOIN fleet.customers c ON c.id = t.customer_id"
+        " WHERE t.token_sha256 = %s AND t.revoked_at IS NULL"
+        " AND (t.expires_at IS NULL OR t.expires_at > now())",
+        (token_sha256,),
+    ).fetchone()
+    return TokenOwner(row[0], row[1]) if row else None
+
+
+def _timeouts(conn: psycopg.Connection, statement_timeout_ms: int) -> None:
+    # Transaction-local: set_config(..., true) ends with the transaction, so the
+    # pooled session is left as it was.
+    conn.execute(
+        "SELECT set_config('statement_timeout', %s, true), set_config('lock_timeout', %s, true)",
+        (f"{statement_timeout_ms}ms", f"{max(statement_timeout_ms // 2, 1)}ms"),
+    )
+
+
+class IngestStore:
+    """Writes one batch per transaction on a connection it is handed."""
+
+    def __init__(self, statement_timeout_ms: int = 20_000, refresh_window: timedelta = timedelta(days=30)):
+        self.statement_timeout_ms = statement_timeout_ms
+        self.refresh_window = refresh_window
+        self._rollup_by_conn: dict[int, bool] = {}
+
+    def has_rollup(self, conn: psycopg.Connection) -> bool:
+        """postgres profile: the hourly rollup table is kept by the ingest."""
+        key = id(conn)
+        if key not in self._rollup_by_conn:
+            row = conn.execute("SELECT to_regclass('fleet.hourly_rollup') IS NOT NULL").fetchone()
+            self._rollup_by_conn = {key: bool(row and row[0])}
+        return self._rollup_by_conn[key]
+
+    def write_batch(
+        self,
+        conn: psycopg.Connection,
+        audit: AuditRecord,
+        batch_type: BatchType,
+        items: Sequence[Site | Device | Measurement],
+        valid_total: int,
+        token_sha256: bytes,
+    ) -> WriteOutcome:
+        """Rows, rollup, quarantine, audit row and last-seen, in one transaction.
+
+        ``items`` are unique by key; ``valid_total`` counts the valid items the
+        client sent, so repeats inside the batch are counted as duplicates."""
+        with conn.transaction():
+            _timeouts(conn, self.statement_timeout_ms)
+            if batch_type is BatchType.MEASUREMENTS:
+                outcome = self._measurements(conn, audit.customer_id, items)  # type: ignore[arg-type]
+            elif batch_type is BatchType.SITES:
+                outcome = WriteOutcome(*_upsert_sites(conn, audit.customer_id, items))  # type: ignore[arg-type]
+            else:
+                outcome = WriteOutcome(*_upsert_devices(conn, audit.customer_id, items))  # type: ignore[arg-type]
+            audit.accepted = outcome.accepted
+            audit.duplicates = valid_total - outcome.accepted
+            audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
+            _insert_audit(conn, audit)
+            conn.execute(
+                "UPDATE fleet.customers SET first_seen_at = coalesce(first_seen_at, now()),"
+                " last_seen_at = now() WHERE id = %s",
+                (audit.customer_id,),
+            )
+            conn.execute(
+                "UPDATE fleet.customer_tokens SET last_used_at = now() WHERE token_sha256 = %s"
+                " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+                (token_sha256,),
+            )
+        return outcome
+
+    def _measurements(self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]) -> WriteOutcome:
+        if not items:
+            return WriteOutcome(0, 0)
+        # A consistent order keeps two overlapping batches from deadlocking.
+        rows = sorted(items, key=lambda m: (m.time, m.device_id))
+        params: dict[str, Any] = {
+            "customer": customer_id,
+            "time": [m.time for m in rows],
+            "device": [m.device_id for m in rows],
+            "power": [m.power_w for m in rows],
+            "voltage": [m.voltage_v for m in rows],
+            "current": [m.current_a for m in rows],
+            "energy": [m.energy_wh for m in rows],
+            "pf": [m.power_factor for m in rows],
+            "freq": [m.frequency_hz for m in rows],
+        }
+        query = _MEASUREMENTS_WITH_ROLLUP if self.has_rollup(conn) else _MEASUREMENTS
+        row = conn.execute(query, params).fetchone()
+        assert row is not None
+        accepted, min_time, max_time = int(row[0]), row[1], row[2]
+        if accepted and not self.has_rollup(conn):
+            self._queue_stale_range(conn, min_time, max_time)
+        return WriteOutcome(accepted, len(rows) - accepted, min_time, max_time)
+
+    def _queue_stale_range(self, conn: psycopg.Connection, min_time: datetime, max_time: datetime) -> None:
+        # TimescaleDB: rows older than the refresh policy's window are never
+        # materialised by it; record their range for the maintenance refresh.
+        conn.execute(
+            "INSERT INTO fleet.hourly_refresh_queue (range_start, range_end)"
+            " SELECT date_trunc('hour', %(min)s::timestamptz, 'UTC'),"
+            "        date_trunc('hour', %(max)s::timestamptz, 'UTC') + interval '1 hour'"
+            " WHERE %(min)s::timestamptz < now() - %(window)s::interval",
+            {"min": min_time, "max": max_time, "window": self.refresh_window},
+        )
+
+    def record_refusal(self, conn: psycopg.Connection, audit: AuditRecord) -> None:
+        """The audit row (and quarantined body) of a batch refused after authentication."""
+        with conn.transaction():
+            _timeouts(conn, self.statement_timeout_ms)
+            _insert_audit(conn, audit)
+
+
+def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
+    row = conn.execute(
+        "INSERT INTO fleet.ingest_events (customer_id, batch_type, batch_id, accepted, duplicates,"
+        " rejected, bytes, decompressed_bytes, client_cursor, min_time, max_time, duration_ms,"
+        " status, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
+        (
+            a.customer_id,
+            a.batch_type,
+            a.batch_id,
+            a.accepted,
+            a.duplicates,
+            a.rejected,
+            a.bytes,
+            a.decompressed_bytes,
+            a.client_cursor,
+            a.min_time,
+            a.max_time,
+            a.duration_ms,
+            a.status,
+            a.error,
+        ),
+    ).fetchone()
+    assert row is not None
+    event_id = int(row[0])
+    if a.rejects:
+        conn.execute(
+            "INSERT INTO fleet.quarantine (ingest_event_id, customer_id, batch_type, item_index,"
+            " reason, payload)"
+            " SELECT %s, %s, %s, i, r, p FROM unnest(%s::int[], %s::text[], %s::text[]) AS u(i, r, p)",
+            (
+                event_id,
+                a.customer_id,
+                a.batch_type,
+                [r.index for r in a.rejects],
+                [r.reason for r in a.rejects],
+                [r.payload for r in a.rejects],
+            ),
+        )
+    return event_id
+
+
+_MEASUREMENT_INPUT = """
+    input AS (
+        SELECT * FROM unnest(%(time)s::timestamptz[], %(device)s::text[], %(power)s::float8[],
+                             %(voltage)s::float8[], %(current)s::float8[], %(energy)s::float8[],
+                             %(pf)s::float8[], %(freq)s::float8[])
+               AS u(time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz)
+    ),
+    ins AS (
+        INSERT INTO fleet.power_measurements
+            (time, customer_id, device_id, power_w, voltage_v, current_a, energy_wh, power_factor,
+             frequency_hz)
+        SELECT time, %(customer)s, device_id, power_w, voltage_v, current_a, energy_wh, power_factor,
+               frequency_hz
+        FROM input
+        ON CONFLICT (time, customer_id, device_id) DO NOTHING
+        RETURNING time, device_id, power_w, energy_wh
+    )"""
+
+_MEASUREMENTS = f"""
+WITH {_MEASUREMENT_INPUT}
+SELECT count(*), min(time), max(time) FROM ins
+"""
+
+# postgres profile: the rollup grows from exactly the rows this statement inserted.
+_MEASUREMENTS_WITH_ROLLUP = f"""
+WITH {_MEASUREMENT_INPUT},
+    rollup AS (
+        INSERT INTO fleet.hourly_rollup AS r
+            (bucket, customer_id, device_id, sample_count, power_samples, sum_power_w,
+             min_power_w, max_power_w, min_energy_wh, max_energy_wh)
+        SELECT date_trunc('hour', time, 'UTC'), %(customer)s, device_id, count(*), count(power_w),
+               sum(power_w), min(power_w), max(power_w), min(energy_wh), max(energy_wh)
+        FROM ins
+        GROUP BY 1, 3
+        ORDER BY 1, 3
+        ON CONFLICT (bucket, customer_id, device_id) DO UPDATE SET
+            sample_count  = r.sample_count + excluded.sample_count,
+            power_samples = r.power_samples + excluded.power_samples,
+            sum_power_w   = CASE WHEN r.sum_power_w IS NULL THEN excluded.sum_power_w
+                                 WHEN excluded.sum_power_w IS NULL THEN r.sum_power_w
+                                 ELSE r.sum_power_w + excluded.sum_power_w END,
+            min_power_w   = LEAST(r.min_power_w, excluded.min_power_w),
+            max_power_w   = GREATEST(r.max_power_w, excluded.max_power_w),
+            min_energy_wh = LEAST(r.min_energy_wh, excluded.min_energy_wh),
+            max_energy_wh = GREATEST(r.max_energy_wh, excluded.max_energy_wh)
+        RETURNING 1
+    )
+SELECT (SELECT count(*) FROM ins), (SELECT min(time) FROM ins), (SELECT max(time) FROM ins)
+"""
+
+
+def _upsert_sites(conn: psycopg.Connection, customer_id: str, items: Sequence[Site]) -> tuple[int, int]:
+    if not items:
+        return 0, 0
+    rows = sorted(items, key=lambda s: s.id)
+    row = conn.execute(
+        """
+        WITH up AS (
+            INSERT INTO fleet.sites AS s (customer_id, id, name, timezone, latitude, longitude, updated_at)
+            SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[],
+                                     %s::timestamptz[])
+            ON CONFLICT (customer_id, id) DO UPDATE SET
+                name = excluded.name, timezone = excluded.timezone, latitude = excluded.latitude,
+                longitude = excluded.longitude, updated_at = excluded.updated_at, received_at = now()
+            WHERE (s.name, s.timezone, s.latitude, s.longitude, s.updated_at)
+                  IS DISTINCT FROM (excluded.name, excluded.timezone, excluded.latitude,
+                                    excluded.longitude, excluded.updated_at)
+              -- an older version re-delivered late never overwrites a newer one
+              AND (s.updated_at IS NULL OR excluded.updated_at IS NULL OR excluded.updated_at >= s.updated_at)
+            RETURNING 1
+        )
+        SELECT count(*) FROM up
+        """,
+        (
+            customer_id,
+            [s.id for s in rows],
+            [s.name for s in rows],
+            [s.timezone for s in rows],
+            [s.latitude for s in rows],
+            [s.longitude for s in rows],
+            [s.updated_at for s in rows],
+        ),
+    ).fetchone()
+    accepted = int(row[0]) if row else 0
+    return accepted, len(rows) - accepted
+
+
+def _upsert_devices(conn: psycopg.Connection, customer_id: str, items: Sequence[Device]) -> tuple[int, int]:
+    if not items:
+        return 0, 0
+    rows = sorted(items, key=lambda d: d.id)
+    row = conn.execute(
+        """
+        WITH up AS (
+            INSERT INTO fleet.devices AS d (customer_id, id, site_id, name, model, firmware_version, updated_at)
+            SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                                     %s::timestamptz[])
+            ON CONFLICT (customer_id, id) DO UPDATE SET
+                site_id = excluded.site_id, name = excluded.name, model = excluded.model,
+                firmware_version = excluded.firmware_version, updated_at = excluded.updated_at,
+                received_at = now()
+            WHERE (d.site_id, d.name, d.model, d.firmware_version, d.updated_at)
+                  IS DISTINCT FROM (excluded.site_id, excluded.name, excluded.model,
+                                    excluded.firmware_version, excluded.updated_at)
+              AND (d.updated_at IS NULL OR excluded.updated_at IS NULL OR excluded.updated_at >= d.updated_at)
+            RETURNING 1
+        )
+        SELECT count(*) FROM up
+        """,
+        (
+            customer_id,
+            [d.id for d in rows],
+            [d.site_id for d in rows],
+            [d.name for d in rows],
+            [d.model for d in rows],
+            [d.firmware_version for d in rows],
+            [d.updated_at for d in rows],
+        ),
+    ).fetchone()
+    accepted = int(row[0]) if row else 0
+    return accepted, len(rows) - accepted
+
+
+def ledger(conn: psycopg.Connection, customer_id: str) -> dict[str, dict[str, Any]]:
+    """Per batch type, the last cursor the server acknowledged for this customer."""
+    out: dict[str, dict[str, Any]] = {}
+    for batch_type in BatchType:
+        row = conn.execute(
+            "SELECT client_cursor, batch_id, received_at FROM fleet.ingest_events"
+            " WHERE customer_id = %s AND batch_type = %s AND status = 200"
+            " ORDER BY id DESC LIMIT 1",
+            (customer_id, batch_type.value),
+        ).fetchone()
+        out[batch_type.value] = {
+            "cursor": row[0] if row else None,
+            "batch_id": str(row[1]) if row and row[1] else None,
+            "acknowledged_at": row[2].isoformat() if row else None,
+        }
+    return out
+
+
+def payload_text(item: Any) -> str:
+    """The stored form of a rejected item (NaN and Infinity survive as text)."""
+    try:
+        return json.dumps(item, ensure_ascii=True, default=str)
+    except (TypeError, ValueError):
+        return repr(item)
