@@ -17,6 +17,7 @@ import ingest
 import psycopg
 import pytest
 from fleet import config, customers
+from contract import check_response
 from support import FakeLambdaContext, http_event
 
 
@@ -37,7 +38,11 @@ class IngestClient:
     def call(self, event: dict[str, Any]) -> Answer:
         result = ingest.handler(event, FakeLambdaContext())
         body = json.loads(result["body"]) if result.get("body") else {}
-        return Answer(result["statusCode"], body, {k.lower(): v for k, v in result.get("headers", {}).items()})
+        answer = Answer(result["statusCode"], body, {k.lower(): v for k, v in result.get("headers", {}).items()})
+        # Every answer the tests see must be one the OpenAPI contract allows.
+        http = event["requestContext"]["http"]
+        check_response(http["method"], http["path"], answer.status, answer.headers, answer.body)
+        return answer
 
     def post(
         self,
