@@ -5,10 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+import customer_admin
 import psycopg
 import pytest
-
-import customer_admin
 from fleet import config, tokens
 from fleet.cli import main
 from support import FakeLambdaContext

@@ -12,7 +12,6 @@ import jsonschema
 import pytest
 from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventV2Model, EventBridgeModel
-
 from contract import check_response, request_schema
 from fleet.custom_resource import parse_event
 from support import EVENTS
@@ -20,7 +19,7 @@ from support import EVENTS
 ALL = sorted(p.relative_to(EVENTS).as_posix() for p in EVENTS.rglob("*.json"))
 
 
-def _model_for(name: str):  # noqa: ANN202 - returns a parser callable
+def _model_for(name: str):
     if name.startswith("bootstrap/") and name != "bootstrap/maintenance.json":
         return parse_event
     if name in ("bootstrap/maintenance.json", "push/scheduled.json"):

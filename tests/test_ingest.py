@@ -16,8 +16,8 @@ from typing import Any
 import ingest
 import psycopg
 import pytest
-from fleet import config, customers
 from contract import check_response
+from fleet import config, customers
 from support import FakeLambdaContext, http_event
 
 

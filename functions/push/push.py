@@ -1,0 +1,29 @@
+"""PushFunction: one push tick per EventBridge schedule event (Client stack)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from aws_lambda_powertools.utilities.parser import parse
+from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from fleet import config
+from fleet.observability import logger, metrics, tracer
+from fleet.push_service import PushService
+from fleet.push_wiring import build_push_service
+
+
+@lru_cache(maxsize=1)
+def service() -> PushService:
+    return build_push_service(config.cached(config.PushConfig))
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    parse(event=event, model=EventBridgeModel)
+    report = service().tick(owner=context.aws_request_id)
+    logger.info("push tick done", extra={"report": report.as_dict()})
+    return report.as_dict()

@@ -1,0 +1,361 @@
+"""One push tick: sites (full set), devices (full set), then measurements by cursor.
+
+Rules (DESIGN.md, Client side):
+- a 2xx advances the cursor, and only after the server answered;
+- 413 halves the batch size and retries at once; the size grows back after
+  consecutive successes;
+- 429/503 wait for Retry-After; other failures and timeouts back off per resource,
+  1 min doubling to a 30 min cap, with jitter;
+- 401/403, and a 400 for a whole batch, back off at the cap and raise the alarm
+  metric; the cursor never moves past a refused batch;
+- a resource in backoff does not block the others;
+- a missing state item resumes from the server's ledger, not from zero.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+
+from fleet import push_source
+from fleet.observability import logger, metrics
+from fleet.push_source import Cursor
+from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
+from fleet.push_transport import IngestClient, Reply, TransportError, encode_batch
+
+BACKOFF_BASE_S = 60.0
+BACKOFF_CAP_S = 1800.0
+GROW_AFTER_SUCCESSES = 3
+_BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
+
+
+def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
+    """1 min doubling to a 30 min cap, with jitter (between half and all of it)."""
+    ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(failures - 1, 0))
+    return ceiling / 2 + rng() * ceiling / 2
+
+
+@dataclass
+class ResourceReport:
+    resource: str
+    outcome: str = "idle"  # idle | pushed | skipped | backoff | leased | failed | refused
+    batches: int = 0
+    rows: int = 0
+    bytes: int = 0
+    duplicates: int = 0
+    rejected: int = 0
+    detail: str | None = None
+
+
+@dataclass
+class TickReport:
+    resources: dict[str, ResourceReport] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {name: vars(r) for name, r in self.resources.items()}
+
+
+class Checkpoints:
+    """Named points of a push (reliability tests stop a real process at them)."""
+
+    def reached(self, name: str, resource: str) -> None:  # pragma: no cover - overridden in tests
+        pass
+
+
+class PushService:
+    def __init__(
+        self,
+        connect: Callable[[], psycopg.Connection],
+        state: PushStateStore,
+        client: IngestClient,
+        *,
+        batch_size: int = 5000,
+        max_batches: int = 3,
+        lease_seconds: int = 120,
+        full_resend_seconds: int = 3600,
+        clock: Callable[[], float] = time.time,
+        rng: Callable[[], float] = random.random,
+        checkpoints: Checkpoints | None = None,
+    ) -> None:
+        self._connect = connect
+        self.state = state
+        self.client = client
+        self.batch_size = batch_size
+        self.max_batches = max_batches
+        self.lease_seconds = lease_seconds
+        self.full_resend_seconds = full_resend_seconds
+        self.clock = clock
+        self.rng = rng
+        self.checkpoints = checkpoints or Checkpoints()
+
+    def tick(self, owner: str | None = None) -> TickReport:
+        owner = owner or str(uuid.uuid4())
+        report = TickReport()
+        with self._connect() as conn:
+            for resource in RESOURCES:
+                report.resources[resource] = self._run_resource(conn, resource, owner)
+        return report
+
+    # -- one resource ---------------------------------------------------------------
+    def _run_resource(self, conn: psycopg.Connection, resource: str, owner: str) -> ResourceReport:
+        rep = ResourceReport(resource)
+        now = self.clock()
+        state = self.state.acquire(resource, owner, now, self.lease_seconds)
+        if state is None:
+            rep.outcome = "leased"
+            rep.detail = "another invocation holds the lease"
+            return rep
+        try:
+            if state.next_attempt_at > now:
+                rep.outcome = "backoff"
+                rep.detail = f"next attempt in {state.next_attempt_at - now:.0f} s"
+                metrics.add_metric(name="PushBackoff", unit="Count", value=1)
+                return rep
+            if not state.initialized and not self._recover(state, owner, rep):
+                return rep
+            if resource == "measurements":
+                self._push_measurements(conn, state, owner, rep)
+            else:
+                self._push_full_set(conn, state, owner, rep)
+        except LeaseLost as exc:
+            rep.outcome = "leased"
+            rep.detail = str(exc)
+            logger.warning("lease lost; stopping this resource", extra={"resource": resource})
+        finally:
+            self.state.release(resource, owner)
+        return rep
+
+    def _recover(self, state: ResourceState, owner: str, rep: ResourceReport) -> bool:
+        """No state item: ask the server's ledger where to resume, and its limits."""
+        try:
+            reply = self.client.state()
+        except TransportError as exc:
+            self._failed(state, owner, rep, f"ledger: no answer: {exc}")
+            return False
+        if reply.status in (401, 403):
+            self._refused(state, owner, rep, f"ledger: {reply.status}: {reply.body.get('message', '')}")
+            return False
+        if reply.status != 200:
+            wait = reply.retry_after if reply.status in (429, 503) else None
+            self._failed(state, owner, rep, f"ledger answered {reply.status}", wait=wait)
+            return False
+        entry = reply.body.get("ledger", {}).get(state.resource, {})
+        limits = reply.body.get("limits", {})
+        state.server_max_items = limits.get("max_items")
+        state.server_max_bytes = limits.get("max_body_bytes")
+        if state.resource == "measurements":
+            state.cursor = entry.get("cursor")
+        self.state.save(state, owner)
+        logger.info(
+            "push state missing; resuming from the server's ledger",
+            extra={"resource": state.resource, "cursor": state.cursor},
+        )
+        return True
+
+    def _ceiling(self, state: ResourceState) -> int:
+        ceiling = self.batch_size
+        if state.server_max_items:
+            ceiling = min(ceiling, int(state.server_max_items))
+        return max(ceiling, 1)
+
+    def _size(self, state: ResourceState) -> int:
+        return max(1, min(state.batch_size or self._ceiling(state), self._ceiling(state)))
+
+    # -- measurements ---------------------------------------------------------------
+    def _push_measurements(
+        self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport
+    ) -> None:
+        try:
+            cursor = Cursor.decode(state.cursor)
+        except ValueError as exc:
+            # An unreadable cursor is never taken as "start over" silently.
+            self._refused(state, owner, rep, str(exc))
+            return
+        sent = 0
+        while sent < self.max_batches:
+            size = self._size(state)
+            page = push_source.read_measurements(conn, cursor, size)
+            self.checkpoints.reached("after_read", "measurements")
+            if not page.items:
+                break
+            reply = self._send(state, owner, rep, "measurements", page.items, cursor, page.cursor)
+            if reply is None:  # 413: halved; read again at the smaller size
+                continue
+            if not 200 <= reply.status < 300:
+                return
+            cursor = Cursor.decode(state.cursor)
+            sent += 1
+            if len(page.items) < size:
+                break
+        rep.outcome = "pushed" if rep.batches else "idle"
+        self._report_lag(conn, cursor)
+
+    def _report_lag(self, conn: psycopg.Connection, cursor: Cursor) -> None:
+        oldest = push_source.oldest_unpushed(conn, cursor)
+        lag = 0.0 if oldest is None else max(0.0, self.clock() - oldest.timestamp())
+        metrics.add_metric(name="PushLagSeconds", unit="Seconds", value=round(lag, 3))
+
+    # -- sites and devices ------------------------------------------------------------
+    def _push_full_set(self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport) -> None:
+        rows = push_source.read_sites(conn) if state.resource == "sites" else push_source.read_devices(conn)
+        digest = "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+        now = self.clock()
+        fresh = state.last_full_push_at is not None and now - state.last_full_push_at < self.full_resend_seconds
+        if digest == state.content_hash and fresh:
+            rep.outcome = "skipped"
+            rep.detail = "unchanged since the last acknowledged push"
+            return
+        offset = 0
+        while offset < len(rows) or (offset == 0 and not rows):
+            chunk = rows[offset : offset + self._size(state)]
+            marker = f"{digest}:{offset + len(chunk)}/{len(rows)}"
+            reply = self._send(state, owner, rep, state.resource, chunk, None, marker)
+            if reply is None:
+                continue
+            if not 200 <= reply.status < 300:
+                return
+            offset += len(chunk)
+            if not rows:
+                break
+        state.content_hash = digest
+        state.last_full_push_at = now
+        self.state.save(state, owner)
+        rep.outcome = "pushed"
+
+    # -- one batch ----------------------------------------------------------------------
+    def _send(
+        self,
+        state: ResourceState,
+        owner: str,
+        rep: ResourceReport,
+        batch_type: str,
+        items: list[dict[str, Any]],
+        before: Cursor | None,
+        after: Cursor | str,
+    ) -> Reply | None:
+        """Send one batch and apply the response rules. None means "413: resend smaller"."""
+        after_text = after.encode() if isinstance(after, Cursor) else after
+        body = encode_batch(items)
+        if state.server_max_bytes and len(body) > state.server_max_bytes and len(items) > 1:
+            self._halve(state, owner, len(items), "body over the server's limit")
+            return None
+        # The same batch re-sent gets the same id, so the server's audit shows it.
+        before_text = before.encode() if before else ""
+        batch_id = str(uuid.uuid5(_BATCH_NAMESPACE, f"{batch_type}|{before_text}|{after_text}|{len(items)}"))
+        try:
+            reply = self.client.post_batch(batch_type, body, after_text, batch_id)
+        except TransportError as exc:
+            self._failed(state, owner, rep, f"no answer: {exc}")
+            return Reply(0, {})
+        self.checkpoints.reached("after_send", batch_type)
+        status = reply.status
+        if 200 <= status < 300:
+            self.checkpoints.reached("after_2xx", batch_type)
+            self._succeeded(state, owner, rep, reply, len(items), len(body), after, batch_type)
+            self.checkpoints.reached("after_cursor_saved", batch_type)
+        elif status == 413:
+            if len(items) <= 1:
+                self._refused(state, owner, rep, "413 for a single item")
+                return reply
+            self._halve(state, owner, len(items), "server answered 413")
+            return None
+        elif status in (429, 503):
+            wait = reply.retry_after if reply.retry_after is not None else backoff_delay(state.failures + 1, self.rng)
+            self._failed(state, owner, rep, f"{status}: {reply.body.get('message', '')}", wait=wait)
+        elif status in (400, 401, 403):
+            self._refused(state, owner, rep, f"{status}: {reply.body.get('message', '')}")
+        else:
+            self._failed(state, owner, rep, f"{status}: {str(reply.body.get('message', ''))[:200]}")
+        return reply
+
+    def _succeeded(
+        self,
+        state: ResourceState,
+        owner: str,
+        rep: ResourceReport,
+        reply: Reply,
+        count: int,
+        size: int,
+        after: Cursor | str,
+        batch_type: str,
+    ) -> None:
+        if isinstance(after, Cursor):
+            state.cursor = after.encode()
+        state.failures = 0
+        state.last_error = None
+        state.next_attempt_at = 0.0
+        state.last_success_at = self.clock()
+        state.successes_in_a_row += 1
+        if state.successes_in_a_row >= GROW_AFTER_SUCCESSES and state.batch_size:
+            grown = min(state.batch_size * 2, self._ceiling(state))
+            state.batch_size = None if grown >= self._ceiling(state) else grown
+            state.successes_in_a_row = 0
+        if isinstance(after, Cursor):
+            self.state.save(state, owner)
+        rep.batches += 1
+        rep.rows += count
+        rep.bytes += size
+        rep.duplicates += int(reply.body.get("duplicates", 0))
+        rep.rejected += int(reply.body.get("rejected", 0))
+        metrics.add_metric(name="RowsPushed", unit="Count", value=count)
+        metrics.add_metric(name="BytesPushed", unit="Bytes", value=size)
+        logger.info(
+            "batch pushed",
+            extra={
+                "resource": batch_type,
+                "rows": count,
+                "bytes": size,
+                "accepted": reply.body.get("accepted"),
+                "duplicates": reply.body.get("duplicates"),
+                "rejected": reply.body.get("rejected"),
+            },
+        )
+
+    def _halve(self, state: ResourceState, owner: str, current: int, why: str) -> None:
+        state.batch_size = max(1, current // 2)
+        state.successes_in_a_row = 0
+        self.state.save(state, owner)
+        logger.warning(
+            "batch too large; halving", extra={"resource": state.resource, "batch_size": state.batch_size, "why": why}
+        )
+
+    def _failed(
+        self, state: ResourceState, owner: str, rep: ResourceReport, error: str, wait: float | None = None
+    ) -> None:
+        state.failures += 1
+        state.successes_in_a_row = 0
+        delay = backoff_delay(state.failures, self.rng) if wait is None else min(wait, 3600.0)
+        state.next_attempt_at = self.clock() + delay
+        state.last_error = error[:500]
+        self.state.save(state, owner)
+        rep.outcome = "failed"
+        rep.detail = error
+        metrics.add_metric(name="PushFailures", unit="Count", value=1)
+        metrics.add_metric(name="PushConsecutiveFailures", unit="Count", value=state.failures)
+        logger.warning(
+            "push failed; backing off",
+            extra={"resource": state.resource, "error": error, "failures": state.failures, "delay_s": round(delay, 1)},
+        )
+
+    def _refused(self, state: ResourceState, owner: str, rep: ResourceReport, error: str) -> None:
+        # 400/401/403: a person has to act; the cursor stays, the alarm fires.
+        state.failures += 1
+        state.successes_in_a_row = 0
+        state.next_attempt_at = self.clock() + BACKOFF_CAP_S
+        state.last_error = error[:500]
+        self.state.save(state, owner)
+        rep.outcome = "refused"
+        rep.detail = error
+        metrics.add_metric(name="PushRefused", unit="Count", value=1)
+        metrics.add_metric(name="PushFailures", unit="Count", value=1)
+        logger.error(
+            "push refused by the server; backing off at the cap", extra={"resource": state.resource, "error": error}
+        )

@@ -1,0 +1,563 @@
+"""The push function: response rules, the cursor invariant, leases and recovery.
+
+DynamoDB and Secrets Manager come from moto; the Client database is real
+PostgreSQL; the server is the real ingest handler served over local HTTP against
+its own real PostgreSQL Admin database (or a scripted server for the rules).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import boto3
+import ingest
+import psycopg
+import push
+import pytest
+from fleet import config, customers
+from fleet.local_api import Route, serving
+from fleet.observability import metrics
+from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
+from fleet.push_state import LeaseLost, PushStateStore
+from fleet.push_transport import IngestClient, parse_retry_after
+from moto import mock_aws
+from support import FakeLambdaContext, load_event
+
+INGEST_PATH = "/api/fleet/ingest"
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        table = boto3.resource("dynamodb", region_name="eu-west-1").create_table(
+            TableName="push-state",
+            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+        yield table
+
+
+@dataclass
+class Admin:
+    url: str
+    server_url: str
+    token: str
+
+    def one(self, query: str, *params: Any) -> Any:
+        with psycopg.connect(self.url) as conn:
+            return conn.execute(query, params).fetchone()[0]  # type: ignore[index]
+
+    def rows(self) -> set[tuple[Any, ...]]:
+        with psycopg.connect(self.url) as conn:
+            return set(
+                conn.execute(
+                    "SELECT time, device_id, power_w FROM fleet.power_measurements WHERE customer_id = 'DEV0001'"
+                )
+            )
+
+
+def _reset() -> None:
+    config.cached.cache_clear()
+    ingest.service.cache_clear()
+    push.service.cache_clear()
+
+
+@pytest.fixture
+def admin(admin_db_postgres: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
+    monkeypatch.setenv("DATABASE_URL", admin_db_postgres)
+    _reset()
+    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+        token = customers.create(conn, "DEV0001", "Dev").token
+    routes = [Route("POST", INGEST_PATH, ingest.handler), Route("GET", f"{INGEST_PATH}/state", ingest.handler)]
+    with serving(routes) as api:
+        yield Admin(admin_db_postgres, api.url + INGEST_PATH, token)
+    _reset()
+
+
+def client_rows(url: str) -> set[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return set(conn.execute("SELECT time, device_id, power_w FROM monitoring.power_measurements"))
+
+
+def insert(url: str, count: int, start: datetime | None = None, device: str = "meter-1", offset: int = 0) -> None:
+    start = start or datetime(2026, 11, 1, tzinfo=UTC)
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
+            " SELECT %s + make_interval(secs => g), %s, g, g * 10 FROM generate_series(%s::int, %s::int) g",
+            (start, device, offset, offset + count - 1),
+        )
+
+
+def make_service(
+    client_url: str,
+    table: Any,
+    server_url: str,
+    token: str,
+    clock: Clock,
+    *,
+    batch_size: int = 50,
+    max_batches: int = 3,
+    checkpoints: Checkpoints | None = None,
+) -> PushService:
+    return PushService(
+        lambda: psycopg.connect(client_url, autocommit=True),
+        PushStateStore(table),
+        IngestClient(server_url, token, 2.0, 5.0),
+        batch_size=batch_size,
+        max_batches=max_batches,
+        clock=clock,
+        rng=lambda: 1.0,
+        checkpoints=checkpoints,
+    )
+
+
+def drain(service: PushService, clock: Clock, ticks: int = 200) -> int:
+    for n in range(ticks):
+        report = service.tick()
+        if all(r.outcome in ("idle", "skipped") for r in report.resources.values()):
+            return n
+        clock.advance(60)
+    raise AssertionError("backlog not drained")
+
+
+# --- end to end against the real ingest --------------------------------------------
+
+
+def test_push_copies_sites_devices_and_measurements(aws, admin: Admin, client_db: str) -> None:
+    with psycopg.connect(client_db) as conn:
+        conn.execute("INSERT INTO monitoring.sites (id, name) VALUES ('s1', 'Plant')")
+        conn.execute("INSERT INTO monitoring.devices (id, site_id, name) VALUES ('meter-1', 's1', 'Main')")
+    insert(client_db, 420)
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock)
+    report = service.tick()
+    assert report.resources["sites"].outcome == "pushed"
+    assert report.resources["measurements"].rows == 150  # 3 batches of 50
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert admin.one("SELECT count(*) FROM fleet.sites") == 1
+    assert admin.one("SELECT count(*) FROM fleet.devices") == 1
+    # Unchanged sites are not re-sent within the hour...
+    assert service.tick().resources["sites"].outcome == "skipped"
+    # ...but are at least once an hour.
+    clock.advance(3601)
+    assert service.tick().resources["sites"].outcome == "pushed"
+
+
+def test_the_scheduled_handler_runs_a_tick_with_the_token_from_secrets_manager(
+    aws, admin: Admin, client_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    arn = boto3.client("secretsmanager").create_secret(Name="ingest-token", SecretString=admin.token)["ARN"]
+    insert(client_db, 30)
+    ingest.service()  # the in-process Admin keeps its own database settings
+    monkeypatch.setenv("DATABASE_URL", client_db)
+    monkeypatch.setenv("INGEST_URL", admin.server_url)
+    monkeypatch.setenv("INGEST_TOKEN_SECRET_ARN", arn)
+    monkeypatch.setenv("PUSH_STATE_TABLE", "push-state")
+    monkeypatch.delenv("INGEST_TOKEN", raising=False)
+    config.cached.cache_clear()
+    push.service.cache_clear()
+    try:
+        result = push.handler(load_event("push/scheduled.json"), FakeLambdaContext())
+    finally:
+        _reset()
+    assert result["measurements"]["rows"] == 30
+    # The admin database is another one: the ingest handler reads its own env,
+    # restored when the fixture's monkeypatch undoes DATABASE_URL.
+    assert len(admin.rows()) == 30
+
+
+# --- the cursor invariant ------------------------------------------------------------
+
+
+def test_many_batches_in_one_transaction_all_arrive(aws, admin: Admin, client_db: str) -> None:
+    insert(client_db, 1000)  # one transaction: one received_at, one xid for all
+    with psycopg.connect(client_db) as conn:
+        assert conn.execute("SELECT count(DISTINCT received_at) FROM monitoring.power_measurements").fetchone() == (1,)
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=64)
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert admin.one("SELECT sum(duplicates) FROM fleet.ingest_events") == 0
+
+
+def test_a_transaction_open_across_a_push_is_not_skipped(aws, admin: Admin, client_db: str) -> None:
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=25)
+    # T1 began before the push and has written: its rows carry an old received_at.
+    t1 = psycopg.connect(client_db)
+    t1.execute(
+        "INSERT INTO monitoring.power_measurements (time, device_id, power_w) VALUES ('2026-10-01T00:00:00Z', 'late', 1)"
+    )
+    # T0 began even earlier and writes only after the push: an old start time too.
+    t0 = psycopg.connect(client_db)
+    t0.execute("SELECT 1")
+    insert(client_db, 60, device="meter-1")  # committed rows behind T1
+    drain(service, clock)
+    pushed_before = admin.rows()
+    assert all(r[1] != "late" for r in pushed_before)
+    t0.execute(
+        "INSERT INTO monitoring.power_measurements (time, device_id, power_w) VALUES ('2026-09-01T00:00:00Z', 'early', 2)"
+    )
+    t0.commit()
+    t1.commit()
+    t0.close()
+    t1.close()
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert {r[1] for r in admin.rows()} == {"meter-1", "late", "early"}
+
+
+def test_rows_inserted_while_the_push_reads_all_arrive(aws, admin: Admin, client_db: str) -> None:
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=40, max_batches=2)
+    stop = threading.Event()
+
+    def writer() -> None:
+        n = 0
+        with psycopg.connect(client_db, autocommit=True) as conn:
+            while not stop.is_set() and n < 3000:
+                with conn.transaction():
+                    for _ in range(7):
+                        conn.execute(
+                            "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+                            " VALUES (now() - make_interval(secs => %s), 'live', %s)",
+                            (n, n),
+                        )
+                        n += 1
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        for _ in range(25):
+            service.tick()
+            clock.advance(60)
+    finally:
+        stop.set()
+        thread.join()
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+
+
+def test_failure_after_the_server_committed_resends_as_duplicates(aws, admin: Admin, client_db: str) -> None:
+    class CrashAfter2xx(Checkpoints):
+        armed = True
+
+        def reached(self, name: str, resource: str) -> None:
+            if name == "after_2xx" and resource == "measurements" and self.armed:
+                self.armed = False
+                raise RuntimeError("simulated crash before the cursor was saved")
+
+    insert(client_db, 30)
+    clock = Clock()
+    service = make_service(
+        client_db, aws, admin.server_url, admin.token, clock, batch_size=30, checkpoints=CrashAfter2xx()
+    )
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        service.tick()
+    assert len(admin.rows()) == 30
+    # The lease of the crashed invocation runs out; the next tick re-sends.
+    clock.advance(200)
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert admin.one("SELECT count(*) FROM fleet.power_measurements") == 30
+    assert admin.one("SELECT sum(duplicates) FROM fleet.ingest_events WHERE batch_type = 'measurements'") == 30
+    # The re-sent batch carried the same batch id as the first delivery.
+    assert admin.one("SELECT count(DISTINCT batch_id) FROM fleet.ingest_events WHERE batch_type = 'measurements'") == 1
+
+
+def test_state_item_deleted_mid_stream_resumes_from_the_ledger(aws, admin: Admin, client_db: str) -> None:
+    insert(client_db, 300)
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50, max_batches=2)
+    service.tick()
+    assert len(admin.rows()) == 100
+    aws.delete_item(Key={"resource": "measurements"})
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    # Resumed after the acknowledged cursor: nothing was sent twice.
+    assert admin.one("SELECT sum(duplicates) FROM fleet.ingest_events WHERE batch_type = 'measurements'") == 0
+
+
+def test_legacy_rows_from_before_the_migration_are_pushed_first(aws, admin: Admin, client_db: str) -> None:
+    with psycopg.connect(client_db) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w, push_xid)"
+            " SELECT '2026-01-01T00:00:00Z'::timestamptz + make_interval(mins => g), 'old', g, NULL"
+            " FROM generate_series(1, 120) g"
+        )
+    insert(client_db, 80)
+    clock = Clock()
+    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50)
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+
+
+# --- response rules, from a scripted server -------------------------------------------
+
+
+class Script:
+    """Answers POSTs from a list of (status, headers, body); records each request."""
+
+    def __init__(
+        self,
+        answers: list[tuple[int, dict[str, str], dict[str, Any]]],
+        only: str | None = "measurements",
+        ledger: dict[str, Any] | None = None,
+    ):
+        self.answers = answers
+        self.only = only  # the batch type the scripted answers are for; others get 200
+        self.requests: list[dict[str, Any]] = []
+        self.ledger = ledger or {}
+
+    def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        if event["requestContext"]["http"]["method"] == "GET":
+            body = {
+                "customer_id": "X",
+                "ledger": {
+                    t: {"cursor": self.ledger.get(t), "batch_id": None, "acknowledged_at": None}
+                    for t in ("sites", "devices", "measurements")
+                },
+                "limits": {"max_body_bytes": 4_000_000, "max_decompressed_bytes": 16_000_000, "max_items": 10_000},
+            }
+            return {"statusCode": 200, "body": json.dumps(body)}
+        import base64
+
+        raw = base64.b64decode(event["body"]) if event["isBase64Encoded"] else event["body"].encode()
+        items = json.loads(gzip.decompress(raw))["items"]
+        self.requests.append({"type": event["headers"]["x-batch-type"], "items": items, "headers": event["headers"]})
+        scripted = self.answers and (self.only is None or self.only == event["headers"]["x-batch-type"])
+        status, headers, body = self.answers.pop(0) if scripted else (200, {}, {})
+        if status == 200 and not body:
+            body = {"accepted": len(items), "duplicates": 0, "rejected": 0, "errors": []}
+        return {"statusCode": status, "headers": headers, "body": json.dumps(body)}
+
+    def measurement_requests(self) -> list[dict[str, Any]]:
+        return [r for r in self.requests if r["type"] == "measurements"]
+
+
+@pytest.fixture
+def scripted(aws, client_db: str) -> Iterator[Callable[..., tuple[PushService, Script, Clock]]]:
+    servers: list[Any] = []
+
+    def make(
+        answers: list[tuple[int, dict[str, str], dict[str, Any]]], only: str | None = "measurements", **kw: Any
+    ) -> tuple[PushService, Script, Clock]:
+        script = Script(answers, only)
+        ctx = serving([Route("POST", INGEST_PATH, script), Route("GET", f"{INGEST_PATH}/state", script)])
+        api = ctx.__enter__()
+        servers.append(ctx)
+        clock = Clock()
+        token = "flt_" + "a" * 30 + "_aaaaaa"
+        return make_service(client_db, aws, api.url + INGEST_PATH, token, clock, **kw), script, clock
+
+    insert(client_db, 200)
+    with psycopg.connect(client_db) as conn:
+        conn.execute("INSERT INTO monitoring.sites (id, name) VALUES ('s1', 'Plant')")
+    metrics.clear_metrics()
+    yield make
+    for ctx in servers:
+        ctx.__exit__(None, None, None)
+
+
+def _state(service: PushService, resource: str = "measurements") -> Any:
+    return service.state.get(resource)
+
+
+def test_500_backs_off_one_minute_then_doubles_and_keeps_the_cursor(scripted) -> None:
+    service, script, clock = scripted([(500, {}, {"message": "boom"})] * 8, max_batches=1)
+    service.tick()
+    st = _state(service)
+    assert st.failures == 1 and st.cursor is None
+    assert st.next_attempt_at - clock.now == pytest.approx(60)  # rng=1.0: the top of the jitter range
+    before = len(script.measurement_requests())
+    service.tick()  # still in backoff: nothing sent
+    assert len(script.measurement_requests()) == before
+    clock.advance(61)
+    service.tick()
+    st = _state(service)
+    assert st.failures == 2
+    assert st.next_attempt_at - clock.now == pytest.approx(120)
+    delays = []
+    for _ in range(6):
+        clock.advance(st.next_attempt_at - clock.now + 1)
+        service.tick()
+        st = _state(service)
+        delays.append(round(st.next_attempt_at - clock.now))
+    assert delays == [240, 480, 960, 1800, 1800, 1800]
+    assert st.cursor is None  # eight failures, the cursor never moved
+    clock.advance(BACKOFF_CAP_S + 1)
+    service.tick()  # the script is out of 500s: the batch lands
+    st = _state(service)
+    assert st.cursor is not None and st.failures == 0
+
+
+def test_jitter_stays_between_half_and_all_of_the_delay() -> None:
+    from fleet.push_service import backoff_delay
+
+    assert backoff_delay(1, lambda: 0.0) == 30
+    assert backoff_delay(1, lambda: 1.0) == 60
+    assert backoff_delay(3, lambda: 0.5) == pytest.approx(180)
+    assert backoff_delay(20, lambda: 1.0) == BACKOFF_CAP_S
+
+
+def test_429_waits_for_retry_after_in_seconds(scripted) -> None:
+    service, _, clock = scripted([(429, {"Retry-After": "137"}, {"message": "busy"})])
+    service.tick()
+    assert _state(service).next_attempt_at - clock.now == pytest.approx(137)
+
+
+def test_503_waits_for_retry_after_as_an_http_date(scripted) -> None:
+    when = datetime.now(UTC) + timedelta(seconds=300)
+    service, _, clock = scripted(
+        [(503, {"Retry-After": email.utils.format_datetime(when, usegmt=True)}, {"message": "down"})]
+    )
+    clock.now = time.time()
+    service.tick()
+    assert _state(service).next_attempt_at - clock.now == pytest.approx(300, abs=2)
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
+
+
+def test_413_halves_at_once_and_grows_back_after_successes(scripted) -> None:
+    service, script, clock = scripted([(413, {}, {"message": "too large"})] * 2, batch_size=40, max_batches=3)
+    service.tick()
+    sizes = [len(r["items"]) for r in script.measurement_requests()]
+    assert sizes == [40, 20, 10, 10, 10]  # two halvings in the same tick, then three batches
+    assert _state(service).batch_size == 20  # grown once after three successes
+    clock.advance(60)
+    service.tick()
+    assert [len(r["items"]) for r in script.measurement_requests()][5:] == [20, 20, 20]
+    assert _state(service).batch_size is None  # back at the configured size
+    rows = [i for r in script.measurement_requests()[2:] for i in r["items"]]
+    assert len(rows) == len({(i["time"], i["device_id"]) for i in rows})
+
+
+def test_401_backs_off_at_the_cap_and_raises_the_alarm(scripted) -> None:
+    service, _, clock = scripted([(401, {}, {"message": "missing, unknown, expired or revoked token"})] * 10, only=None)
+    service.tick()
+    st = _state(service, "sites")
+    assert st.next_attempt_at - clock.now == pytest.approx(BACKOFF_CAP_S)
+    assert "401" in st.last_error
+    assert "PushRefused" in metrics.metric_set
+
+
+def test_400_for_a_whole_batch_never_moves_the_cursor_past_it(scripted) -> None:
+    answers = [(200, {}, {}), (200, {}, {}), (400, {}, {"message": "body is not valid JSON"})]
+    service, script, clock = scripted(answers, max_batches=3)
+    service.tick()
+    st = _state(service)
+    sent = script.measurement_requests()
+    assert len(sent) == 3
+    assert st.cursor == sent[1]["headers"]["x-push-cursor"]  # after the two accepted batches
+    assert st.next_attempt_at - clock.now == pytest.approx(BACKOFF_CAP_S)
+    assert "PushRefused" in metrics.metric_set
+    clock.advance(BACKOFF_CAP_S + 1)
+    service.tick()
+    assert script.measurement_requests()[3]["items"] == sent[2]["items"]  # sent again, never skipped
+
+
+def test_a_resource_in_backoff_does_not_block_the_others(scripted) -> None:
+    service, _script, clock = scripted([(200, {}, {}), (200, {}, {}), (500, {}, {"message": "boom"})])
+    report = service.tick()
+    assert report.resources["sites"].outcome == "pushed"
+    assert report.resources["measurements"].outcome == "failed"
+    clock.advance(10)
+    # measurements still in backoff; a changed site is pushed anyway
+    with psycopg.connect(_client_url(service)) as conn:
+        conn.execute("UPDATE monitoring.sites SET name = 'Renamed'")
+    report = service.tick()
+    assert report.resources["measurements"].outcome == "backoff"
+    assert report.resources["sites"].outcome == "pushed"
+
+
+def _client_url(service: PushService) -> str:
+    with service._connect() as conn:
+        return conn.info.dsn
+
+
+def test_timeouts_are_failures_with_backoff(aws, client_db: str) -> None:
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(5)
+    try:
+        insert(client_db, 5)
+        clock = Clock()
+        service = PushService(
+            lambda: psycopg.connect(client_db, autocommit=True),
+            PushStateStore(aws),
+            IngestClient(f"http://127.0.0.1:{silent.getsockname()[1]}{INGEST_PATH}", "flt_x", 0.5, 0.5),
+            clock=clock,
+            rng=lambda: 1.0,
+        )
+        report = service.tick()
+    finally:
+        silent.close()
+    assert report.resources["sites"].outcome == "failed"
+    assert "no answer" in report.resources["sites"].detail
+    assert _state(service, "sites").next_attempt_at - clock.now == pytest.approx(60)
+
+
+# --- leases -------------------------------------------------------------------------
+
+
+def test_two_invocations_at_once_one_pushes_the_other_leaves(scripted) -> None:
+    service, script, clock = scripted([])
+    holder = PushStateStore(service.state.table)
+    for resource in ("sites", "devices", "measurements"):
+        assert holder.acquire(resource, "invocation-A", clock.now, 120) is not None
+    report = service.tick(owner="invocation-B")
+    assert {r.outcome for r in report.resources.values()} == {"leased"}
+    assert script.requests == []
+
+
+def test_a_holder_paused_past_its_lease_cannot_write_its_cursor(aws) -> None:
+    store = PushStateStore(aws)
+    now = time.time()
+    a = store.acquire("measurements", "A", now, 120)
+    assert a is not None
+    assert store.acquire("measurements", "B", now + 60, 120) is None  # A's lease is live
+    b = store.acquire("measurements", "B", now + 200, 120)  # A paused past its lease
+    assert b is not None
+    b.cursor = "b-cursor"
+    store.save(b, "B")
+    a.cursor = "a-cursor"
+    with pytest.raises(LeaseLost):
+        store.save(a, "A")
+    assert store.get("measurements").cursor == "b-cursor"
+
+
+def test_a_stale_version_cannot_overwrite_even_with_the_lease(aws) -> None:
+    store = PushStateStore(aws)
+    first = store.acquire("measurements", "A", time.time(), 120)
+    assert first is not None
+    second = store.get("measurements")
+    store.save(first, "A")
+    with pytest.raises(LeaseLost):
+        store.save(second, "A")
