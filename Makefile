@@ -51,9 +51,11 @@ build: sam-venv venv
 	$(SAMVENV)/bin/sam build
 
 test: venv
+	@.ci/ensure-postgres
 	$(BIN)/pytest
 
 demo: venv
+	@.ci/ensure-postgres
 	$(BIN)/fleet demo
 
 pr: lint typecheck validate build test

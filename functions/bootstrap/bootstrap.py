@@ -56,5 +56,7 @@ def maintenance_handler(event: dict[str, Any], context: LambdaContext) -> dict[s
     parse(event=event, model=EventBridgeModel)
     cfg = config.cached(config.BootstrapConfig)
     report = maintain(db.resolve_conninfo(cfg.database_url, cfg.db_secret_arn))
+    metrics.add_metric(name="PartitionsCreated", unit="Count", value=report["partitions_created"])
+    metrics.add_metric(name="HourlyRangesRefreshed", unit="Count", value=report["ranges_refreshed"])
     logger.info("maintenance done", extra=report)
     return report

@@ -92,4 +92,5 @@ def fault(exc: Exception) -> Response:
 @tracer.capture_lambda_handler
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    metrics.add_metric(name="IngestRequests", unit="Count", value=1)
     return app.resolve(event, context)

@@ -1,0 +1,174 @@
+"""``fleet local …``, ``fleet demo`` and ``fleet status`` (developer and operator
+commands that the Lambda functions themselves never import)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    local = sub.add_parser("local", help="run template.yaml's functions without Docker")
+    lsub = local.add_subparsers(dest="local_command", required=True)
+
+    inv = lsub.add_parser("invoke", help="like sam local invoke")
+    inv.add_argument("logical_id")
+    inv.add_argument("--event", "-e", type=Path, help="event file (default: an empty object)")
+    _common(inv)
+    inv.set_defaults(func=_cmd_invoke)
+
+    api = lsub.add_parser("start-api", help="like sam local start-api")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", "-p", type=int, default=3000)
+    _common(api)
+    api.set_defaults(func=_cmd_start_api)
+
+    sched = lsub.add_parser("schedule", help="invoke each scheduled function on its schedule")
+    sched.add_argument("--ticks", type=int, default=0, help="stop after this many invocations (0: until Ctrl-C)")
+    _common(sched)
+    sched.set_defaults(func=_cmd_schedule)
+
+    demo = sub.add_parser("demo", help="end-to-end demo on one host (what `make demo` runs)")
+    demo.add_argument("--database-url", help="a server to create the demo databases on (default: a throwaway cluster)")
+    demo.set_defaults(func=_cmd_demo)
+
+    status = sub.add_parser("status", help="fleet overview from the Admin database")
+    status.add_argument("--database-url")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(func=_cmd_status)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--template", "-t", type=Path, default=None, help="template file (default: template.yaml)")
+    p.add_argument("--env-vars", "-n", type=Path, help="JSON file with environment overrides (SAM's format)")
+    p.add_argument(
+        "--parameter-overrides", nargs="*", default=[], metavar="KEY=VALUE", help="template parameters, as SAM"
+    )
+
+
+def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
+    from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack
+    from fleet.sam_template import Template, read_env_vars_file
+
+    overrides = dict(item.split("=", 1) for item in args.parameter_overrides)
+    if role_hint and "Mode" not in overrides:
+        overrides["Mode"] = role_hint
+    template = Template(args.template or DEFAULT_TEMPLATE, overrides)
+    return LocalStack(template, read_env_vars_file(args.env_vars))
+
+
+def _with_database(stack: Any, exit_stack: ExitStack, role: str) -> None:
+    """The embedded default: DATABASE_URL from the env-vars file or the shell,
+    else a throwaway cluster with a migrated database of the role."""
+    from fleet.local_runner import embedded_database
+
+    params = stack.env_vars.setdefault("Parameters", {})
+    given = params.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
+    url = exit_stack.enter_context(embedded_database(role, given))
+    params["DATABASE_URL"] = url
+    if not given:
+        print(f"embedded database ({role}): {url}", file=sys.stderr)
+
+
+def _cmd_invoke(args: argparse.Namespace) -> int:
+    from fleet.local_runner import InvokeError, local_aws_env
+
+    local_aws_env()
+    event = json.loads(args.event.read_text()) if args.event else {}
+    stack = _stack(args)
+    try:
+        result = stack.invoke(args.logical_id, event)
+    except InvokeError as exc:
+        print(json.dumps(exc.payload, indent=2))
+        return 1
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    finally:
+        stack.close()
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def _cmd_start_api(args: argparse.Namespace) -> int:
+    from fleet.local_runner import local_aws_env, serve_api, wait_forever
+
+    local_aws_env()
+    with ExitStack() as es:
+        stack = _stack(args, role_hint="admin")
+        es.callback(stack.close)
+        _with_database(stack, es, "admin")
+        api = es.enter_context(serve_api(stack, args.host, args.port))
+        for route in api.routes:
+            print(f"mounted {route.route_key:<36} -> {route.function_name}", file=sys.stderr)
+        print(f"serving on {api.url} (Ctrl-C to stop)", file=sys.stderr)
+        wait_forever(threading.Event())
+    return 0
+
+
+def _cmd_schedule(args: argparse.Namespace) -> int:
+    from fleet.local_runner import embedded_dynamodb, ensure_state_table, local_aws_env, run_schedules
+
+    local_aws_env()
+    with ExitStack() as es:
+        stack = _stack(args, role_hint="client")
+        es.callback(stack.close)
+        role = stack.template.parameters.get("Mode", "client")
+        _with_database(stack, es, role)
+        if role == "client":
+            push_env = stack.env_vars.setdefault("PushFunction", {})
+            if not (push_env.get("DYNAMODB_ENDPOINT_URL") or os.environ.get("DYNAMODB_ENDPOINT_URL")):
+                endpoint = es.enter_context(embedded_dynamodb())
+                push_env["DYNAMODB_ENDPOINT_URL"] = endpoint
+                table = stack.environment("PushFunction").get("PUSH_STATE_TABLE", "PushStateTable")
+                ensure_state_table(endpoint, table)
+                print(f"embedded DynamoDB: {endpoint} (table {table})", file=sys.stderr)
+        for logical_id, name, expr in stack.schedules():
+            print(f"scheduled {logical_id} ({name}): {expr}", file=sys.stderr)
+        stop = threading.Event()
+        count = 0
+
+        def on_result(logical_id: str, result: Any) -> None:
+            nonlocal count
+            count += 1
+            stamp = datetime.now(UTC).strftime("%H:%M:%S")
+            print(f"[{stamp}] {logical_id}: {json.dumps(result, default=str)}", flush=True)
+            if args.ticks and count >= args.ticks:
+                stop.set()
+
+        try:
+            run_schedules(stack, stop, on_result)
+        except KeyboardInterrupt:
+            stop.set()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fleet.demo import run_demo
+
+    result = run_demo(server_url=args.database_url, out=lambda line: print(line, flush=True))
+    return 0 if result.ok else 1
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from fleet import db
+    from fleet.status import fleet_status, render
+
+    url = args.database_url or os.environ.get("DATABASE_URL")
+    if not url:
+        print("error: no database: pass --database-url or set DATABASE_URL", file=sys.stderr)
+        return 2
+    with db.connect(url) as conn:
+        rows = fleet_status(conn)
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+    else:
+        print(render(rows, datetime.now(UTC)))
+    return 0

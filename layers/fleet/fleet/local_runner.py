@@ -1,0 +1,453 @@
+"""The local runner: ``template.yaml``'s functions, HTTP API routes and schedules
+on one host without Docker. Each function runs in worker processes of its own
+(fleet.local_worker) with its template environment merged with an env-vars file,
+as ``sam local`` would run it in a container.
+
+The embedded defaults: a throwaway PostgreSQL cluster when ``DATABASE_URL`` is not
+given, and a local DynamoDB endpoint (moto server) when none is configured.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fleet.local_api import LocalHttpApi, Route
+from fleet.sam_template import FunctionSpec, Template, function_environment
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+DEFAULT_TEMPLATE = REPO_ROOT / "template.yaml"
+
+
+class InvokeError(RuntimeError):
+    """The function raised, failed to start, or timed out."""
+
+    def __init__(self, message: str, payload: dict[str, Any] | None = None) -> None:
+        super().__init__(message)
+        self.payload = payload or {"errorMessage": message}
+
+
+class Worker:
+    """One warm execution environment for one function."""
+
+    def __init__(self, spec: FunctionSpec, env: dict[str, str], layer_dirs: list[Path], log: Any = None) -> None:
+        self.spec = spec
+        full_env = dict(os.environ)
+        full_env.update(env)
+        full_env["PYTHONPATH"] = os.pathsep.join(
+            [*(str(p) for p in layer_dirs), str(spec.code_uri), full_env.get("PYTHONPATH", "")]
+        )
+        full_env["AWS_LAMBDA_FUNCTION_NAME"] = spec.logical_id
+        full_env.setdefault("AWS_DEFAULT_REGION", "eu-west-1")
+        full_env.setdefault("POWERTOOLS_TRACE_DISABLED", "true")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fleet.local_worker",
+                str(spec.code_uri),
+                spec.handler,
+                spec.logical_id,
+                str(spec.timeout_s),
+                str(spec.memory_mb),
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log if log is not None else None,
+            env=full_env,
+            text=True,
+            bufsize=1,
+        )
+        first = self._read(60.0)
+        if not first.get("ready"):
+            self.close()
+            raise InvokeError(first.get("error", "the function did not start"))
+
+    def _read(self, timeout: float) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        box: queue.Queue[str] = queue.Queue()
+        reader = threading.Thread(target=lambda: box.put(self.proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
+        reader.start()
+        try:
+            line = box.get(timeout=timeout)
+        except queue.Empty:
+            self.close()
+            raise InvokeError(f"Task timed out after {timeout:.2f} seconds") from None
+        if not line:
+            raise InvokeError(f"the {self.spec.logical_id} process exited ({self.proc.poll()})")
+        return dict(json.loads(line))
+
+    def invoke(self, event: Any) -> Any:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"event": event, "request_id": str(uuid.uuid4())}) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read(self.spec.timeout_s + 5.0)
+        if not answer.get("ok"):
+            raise InvokeError(
+                answer.get("error", "error"),
+                {
+                    "errorMessage": answer.get("error"),
+                    "errorType": answer.get("errorType"),
+                    "stackTrace": answer.get("stackTrace"),
+                },
+            )
+        return answer.get("result")
+
+    @property
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+class FunctionPool:
+    """Up to ``size`` concurrent execution environments for one function."""
+
+    def __init__(
+        self, spec: FunctionSpec, env: dict[str, str], layer_dirs: list[Path], size: int = 4, log: Any = None
+    ) -> None:
+        self.spec = spec
+        self.env = env
+        self.layer_dirs = layer_dirs
+        self.size = size
+        self.log = log
+        self._idle: queue.LifoQueue[Worker] = queue.LifoQueue()
+        self._count = 0
+        self._lock = threading.Lock()
+        self._all: list[Worker] = []
+
+    def _take(self) -> Worker:
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            if self._count < self.size:
+                self._count += 1
+                worker = Worker(self.spec, self.env, self.layer_dirs, self.log)
+                self._all.append(worker)
+                return worker
+        return self._idle.get()
+
+    def invoke(self, event: Any, context: Any = None) -> Any:
+        worker = self._take()
+        try:
+            return worker.invoke(event)
+        finally:
+            if worker.alive:
+                self._idle.put(worker)
+            else:
+                with self._lock:
+                    self._count -= 1
+
+    def close(self) -> None:
+        for worker in self._all:
+            worker.close()
+
+
+@dataclass
+class LocalStack:
+    """The template's functions, ready to invoke, serve and schedule."""
+
+    template: Template
+    env_vars: dict[str, dict[str, str]] = field(default_factory=dict)
+    concurrency: int = 4
+    log: Any = None
+    _pools: dict[str, FunctionPool] = field(default_factory=dict)
+
+    @property
+    def functions(self) -> dict[str, FunctionSpec]:
+        return self.template.functions()
+
+    def environment(self, logical_id: str) -> dict[str, str]:
+        return function_environment(self.functions[logical_id], self.env_vars)
+
+    def pool(self, logical_id: str) -> FunctionPool:
+        if logical_id not in self._pools:
+            specs = self.functions
+            if logical_id not in specs:
+                raise KeyError(f"no function {logical_id!r} in {self.template.path.name}: {', '.join(specs)}")
+            self._pools[logical_id] = FunctionPool(
+                specs[logical_id], self.environment(logical_id), self.template.layer_dirs(), self.concurrency, self.log
+            )
+        return self._pools[logical_id]
+
+    def invoke(self, logical_id: str, event: Any) -> Any:
+        return self.pool(logical_id).invoke(event)
+
+    def routes(self) -> list[Route]:
+        routes = []
+        for logical_id, spec in self.functions.items():
+            for method, path in spec.routes:
+                pool = self.pool(logical_id)
+                routes.append(Route(method, path, pool.invoke, logical_id, spec.timeout_s))
+        return routes
+
+    def schedules(self) -> list[tuple[str, str, str]]:
+        """(logical id, event name, expression) for every scheduled function."""
+        return [(lid, name, expr) for lid, spec in self.functions.items() for name, expr in spec.schedules]
+
+    def close(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+
+
+@contextmanager
+def serve_api(stack: LocalStack, host: str = "127.0.0.1", port: int = 3000) -> Iterator[LocalHttpApi]:
+    api = LocalHttpApi(stack.routes(), host, port)
+    thread = threading.Thread(target=api.serve_forever, name="fleet-local-api", daemon=True)
+    thread.start()
+    try:
+        yield api
+    finally:
+        api.shutdown()
+        api.server_close()
+
+
+# --- schedules ------------------------------------------------------------------
+
+_RATE = re.compile(r"^rate\(\s*(\d+)\s+(minute|minutes|hour|hours|day|days)\s*\)$")
+_CRON = re.compile(r"^cron\((.+)\)$")
+_MONTHS = {
+    m: i for i, m in enumerate(["JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC"], 1)
+}
+_DAYS = {d: i for i, d in enumerate(["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"], 1)}
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An EventBridge schedule expression: ``rate(...)`` or ``cron(...)`` (UTC)."""
+
+    expression: str
+    every: timedelta | None = None
+    fields: tuple[frozenset[int], ...] | None = None  # minute, hour, day, month, weekday(1=SUN)
+
+    @classmethod
+    def parse(cls, expression: str) -> Schedule:
+        text = expression.strip()
+        rate = _RATE.match(text)
+        if rate:
+            amount, unit = int(rate[1]), rate[2].rstrip("s")
+            if amount < 1:
+                raise ValueError(f"rate must be positive: {expression}")
+            if (amount == 1) != (not rate[2].endswith("s")):
+                raise ValueError(f"use '1 {unit}' or 'N {unit}s': {expression}")
+            return cls(text, every=timedelta(**{f"{unit}s": amount}))
+        cron = _CRON.match(text)
+        if not cron:
+            raise ValueError(f"not a schedule expression: {expression}")
+        parts = cron[1].split()
+        if len(parts) != 6:
+            raise ValueError(f"cron needs 6 fields (min hour day-of-month month day-of-week year): {expression}")
+        minute, hour, dom, month, dow, _year = parts
+        if (dom == "?") == (dow == "?"):
+            raise ValueError(f"exactly one of day-of-month and day-of-week must be '?': {expression}")
+        fields = (
+            _field(minute, 0, 59),
+            _field(hour, 0, 23),
+            _field(dom, 1, 31),
+            _field(month, 1, 12, _MONTHS),
+            _field(dow, 1, 7, _DAYS),
+        )
+        return cls(text, fields=fields)
+
+    def next_after(self, when: datetime) -> datetime:
+        if self.every is not None:
+            return when + self.every
+        assert self.fields is not None
+        minute, hour, dom, month, dow = self.fields
+        t = when.astimezone(UTC).replace(second=0, microsecond=0) + timedelta(minutes=1)
+        for _ in range(366 * 24 * 60):
+            weekday = (t.isoweekday() % 7) + 1  # SUN=1 .. SAT=7
+            if t.minute in minute and t.hour in hour and t.month in month and t.day in dom and weekday in dow:
+                return t
+            t += timedelta(minutes=1)
+        raise ValueError(f"{self.expression} never fires")
+
+
+def _field(text: str, low: int, high: int, names: dict[str, int] | None = None) -> frozenset[int]:
+    if text in ("*", "?"):
+        return frozenset(range(low, high + 1))
+    values: set[int] = set()
+    for part in text.split(","):
+        step = 1
+        if "/" in part:
+            part, step_text = part.split("/", 1)
+            step = int(step_text)
+            if step < 1:
+                raise ValueError(f"bad step in {text}")
+        if part in ("*", ""):
+            start, end = low, high
+        elif "-" in part:
+            a, b = part.split("-", 1)
+            start, end = _value(a, names), _value(b, names)
+        else:
+            start = _value(part, names)
+            end = high if "/" in text else start
+        if not (low <= start <= high and low <= end <= high):
+            raise ValueError(f"{text}: out of range {low}-{high}")
+        values.update(range(start, end + 1, step))
+    return frozenset(values)
+
+
+def _value(text: str, names: dict[str, int] | None) -> int:
+    key = text.upper()
+    if names and key in names:
+        return names[key]
+    return int(text)
+
+
+def scheduled_event(logical_id: str, event_name: str, when: datetime) -> dict[str, Any]:
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": "Scheduled Event",
+        "source": "aws.events",
+        "account": "000000000000",
+        "time": when.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": "local",
+        "resources": [f"arn:aws:events:local:000000000000:rule/fleet-local-{logical_id}{event_name}"],
+        "detail": {},
+    }
+
+
+def run_schedules(
+    stack: LocalStack,
+    stop: threading.Event,
+    on_result: Callable[[str, Any], None] | None = None,
+    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    fire_at_start: bool = True,
+    only: set[str] | None = None,
+) -> None:
+    """Invoke each scheduled function on its schedule until ``stop`` is set."""
+    plans: list[_Plan] = []
+    now = clock()
+    for logical_id, event_name, expr in stack.schedules():
+        if only is not None and logical_id not in only:
+            continue
+        schedule = Schedule.parse(expr)
+        plans.append(_Plan(logical_id, event_name, schedule, now if fire_at_start else schedule.next_after(now)))
+    while not stop.is_set() and plans:
+        plan = min(plans, key=lambda p: p.due)
+        wait = (plan.due - clock()).total_seconds()
+        if wait > 0 and stop.wait(min(wait, 1.0)):
+            break
+        if wait > 0:
+            continue
+        try:
+            result: Any = stack.invoke(plan.logical_id, scheduled_event(plan.logical_id, plan.event_name, plan.due))
+        except InvokeError as exc:
+            result = exc.payload
+        if on_result:
+            on_result(plan.logical_id, result)
+        plan.due = plan.schedule.next_after(plan.due if plan.schedule.every is None else clock())
+
+
+@dataclass
+class _Plan:
+    logical_id: str
+    event_name: str
+    schedule: Schedule
+    due: datetime
+
+
+# --- embedded defaults --------------------------------------------------------------
+
+
+@contextmanager
+def embedded_dynamodb() -> Iterator[str]:
+    """A local DynamoDB endpoint (moto server) on 127.0.0.1; yields its URL."""
+    import logging
+
+    from moto.server import ThreadedMotoServer
+
+    from fleet.localdb import free_port
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per DynamoDB call
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+
+
+def ensure_state_table(endpoint: str, name: str) -> None:
+    import boto3
+
+    client = boto3.client(
+        "dynamodb",
+        endpoint_url=endpoint,
+        region_name=os.environ.get("AWS_DEFAULT_REGION", "eu-west-1"),
+        aws_access_key_id=os.environ.get("AWS_ACCESS_KEY_ID", "local"),
+        aws_secret_access_key=os.environ.get("AWS_SECRET_ACCESS_KEY", "local"),
+    )
+    with contextlib.suppress(client.exceptions.ResourceInUseException):
+        client.create_table(
+            TableName=name,
+            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+
+
+@contextmanager
+def embedded_database(role: str, existing_url: str | None = None) -> Iterator[str]:
+    """``DATABASE_URL`` when given; else a throwaway cluster with a migrated database."""
+    from psycopg import sql
+
+    from fleet import db
+    from fleet.localdb import LocalCluster
+    from fleet.migrations import migrate
+
+    with ExitStack() as stack:
+        url = existing_url
+        if not url:
+            cluster = LocalCluster(timescaledb_background_workers=4).start()
+            stack.callback(cluster.stop)
+            with db.connect(cluster.url()) as conn:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"fleet_{role}")))
+            url = cluster.url(f"fleet_{role}")
+        with db.connect(url) as conn:
+            migrate(conn, role, "auto")  # type: ignore[arg-type]
+        yield url
+
+
+def local_aws_env() -> None:
+    """Credentials for local endpoints, so boto3 never looks further."""
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", "local")
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "local")
+    os.environ.setdefault("AWS_DEFAULT_REGION", "eu-west-1")
+
+
+def wait_forever(stop: threading.Event) -> None:
+    try:
+        while not stop.wait(1.0):
+            pass
+    except KeyboardInterrupt:
+        stop.set()
+
+
+def monotonic_deadline(seconds: float) -> Callable[[], bool]:
+    end = time.monotonic() + seconds
+    return lambda: time.monotonic() >= end

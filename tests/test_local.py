@@ -1,0 +1,301 @@
+"""The local runner honours template.yaml: invoke, start-api, schedules, the demo."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import urllib.request
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import bootstrap
+import ingest
+import psycopg
+import pytest
+from fleet import config, customers, tokens
+from fleet.cli import main
+from fleet.demo import Sizes, run_demo
+from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack, Schedule, serve_api
+from fleet.sam_template import Template
+from support import EVENTS, FakeLambdaContext, load_event, recording_server
+
+EXAMPLE_TOKEN = load_event("ingest/measurements.json")["headers"]["x-customer-token"]
+
+
+def _register_example_token(url: str) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("INSERT INTO fleet.customers (id, name) VALUES ('DEV0001', 'Dev')")
+        conn.execute(
+            "INSERT INTO fleet.customer_tokens (token_sha256, customer_id, token_hint) VALUES (%s, 'DEV0001', 'x')",
+            (tokens.digest(EXAMPLE_TOKEN),),
+        )
+
+
+def _stack(mode: str, env_vars: dict[str, dict[str, str]]) -> LocalStack:
+    return LocalStack(Template(DEFAULT_TEMPLATE, {"Mode": mode, "IngestEnabled": "true"}), env_vars)
+
+
+def _direct(monkeypatch: pytest.MonkeyPatch, env: dict[str, str], handler: Any, event: dict[str, Any]) -> Any:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    config.cached.cache_clear()
+    ingest.service.cache_clear()
+    try:
+        return handler(event, FakeLambdaContext())
+    finally:
+        config.cached.cache_clear()
+        ingest.service.cache_clear()
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (EVENTS / "ingest").glob("*.json")))
+def test_local_invoke_of_ingest_equals_the_direct_handler(
+    name: str, pg_server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    urls = []
+    for _ in range(2):
+        db = pg_server.create_database(template=pg_server.template("admin", "postgres"))
+        urls.append(pg_server.url(db))
+        _register_example_token(urls[-1])
+    event = load_event(f"ingest/{name}")
+    stack = _stack("admin", {"Parameters": {"DATABASE_URL": urls[0]}})
+    try:
+        local = stack.invoke("IngestFunction", event)
+    finally:
+        stack.close()
+    direct = _direct(monkeypatch, {"DATABASE_URL": urls[1]}, ingest.handler, event)
+    assert local["statusCode"] == direct["statusCode"] == 200
+    assert json.loads(local["body"]) == json.loads(direct["body"])
+
+
+@pytest.mark.parametrize("name", ["create.json", "update.json", "delete.json"])
+def test_local_invoke_of_bootstrap_equals_the_direct_handler(name: str, pg_server, monkeypatch) -> None:
+    results = []
+    for how in ("local", "direct"):
+        url = pg_server.url(pg_server.create_database())
+        with recording_server() as (base, seen):
+            event = load_event(f"bootstrap/{name}")
+            event["ResponseURL"] = f"{base}/cfn"
+            if how == "local":
+                stack = _stack("admin", {"Parameters": {"DATABASE_URL": url}})
+                try:
+                    result = stack.invoke("BootstrapFunction", event)
+                finally:
+                    stack.close()
+            else:
+                result = _direct(
+                    monkeypatch,
+                    {"DATABASE_URL": url, "FLEET_ROLE": "admin", "DATABASE_PROFILE": "auto"},
+                    bootstrap.handler,
+                    event,
+                )
+        assert len(seen) == 1
+        results.append((result, seen[0].json()["Status"]))
+    assert results[0] == results[1]
+    assert results[0][1] == "SUCCESS"
+
+
+def test_local_invoke_of_maintenance_equals_the_direct_handler(admin_db_postgres: str, monkeypatch) -> None:
+    event = load_event("bootstrap/maintenance.json")
+    stack = _stack("admin", {"Parameters": {"DATABASE_URL": admin_db_postgres}})
+    try:
+        local = stack.invoke("MaintenanceFunction", event)
+    finally:
+        stack.close()
+    direct = _direct(
+        monkeypatch, {"DATABASE_URL": admin_db_postgres, "FLEET_ROLE": "admin"}, bootstrap.maintenance_handler, event
+    )
+    assert local == direct
+    assert local["profile"] == "postgres"
+
+
+def test_local_invoke_of_push_equals_the_direct_handler(pg_server, monkeypatch, tmp_path: Path) -> None:
+    import push
+    from fleet.local_api import Route, serving
+    from fleet.local_runner import embedded_dynamodb, ensure_state_table, local_aws_env
+
+    local_aws_env()
+    admin = pg_server.url(pg_server.create_database(template=pg_server.template("admin", "postgres")))
+    with psycopg.connect(admin, autocommit=True) as conn:
+        token_a = customers.create(conn, "A", "a").token
+        token_b = customers.create(conn, "B", "b").token
+    clients = []
+    for _ in range(2):
+        url = pg_server.url(pg_server.create_database(template=pg_server.template("client", "postgres")))
+        with psycopg.connect(url) as conn:
+            conn.execute(
+                "INSERT INTO monitoring.sites (id, name, updated_at) VALUES ('s1', 'Plant', '2026-11-01T00:00:00Z')"
+            )
+            conn.execute(
+                "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+                " SELECT '2026-11-01T00:00:00Z'::timestamptz + make_interval(mins => g), 'm1', g"
+                " FROM generate_series(1, 120) g"
+            )
+        clients.append(url)
+    monkeypatch.setenv("DATABASE_URL", admin)
+    config.cached.cache_clear()
+    ingest.service.cache_clear()
+    ingest.service()  # the in-process Admin keeps its database
+    event = load_event("push/scheduled.json")
+    with (
+        embedded_dynamodb() as endpoint,
+        serving(
+            [
+                Route("POST", "/api/fleet/ingest", ingest.handler),
+                Route("GET", "/api/fleet/ingest/state", ingest.handler),
+            ]
+        ) as api,
+    ):
+        ensure_state_table(endpoint, "state-local")
+        ensure_state_table(endpoint, "state-direct")
+        common = {"INGEST_URL": f"{api.url}/api/fleet/ingest", "DYNAMODB_ENDPOINT_URL": endpoint}
+        stack = _stack(
+            "client",
+            {
+                "Parameters": {"DATABASE_URL": clients[0]},
+                "PushFunction": {**common, "INGEST_TOKEN": token_a, "PUSH_STATE_TABLE": "state-local"},
+            },
+        )
+        try:
+            local = stack.invoke("PushFunction", event)
+        finally:
+            stack.close()
+        env = {**common, "DATABASE_URL": clients[1], "INGEST_TOKEN": token_b, "PUSH_STATE_TABLE": "state-direct"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        config.cached.cache_clear()
+        push.service.cache_clear()
+        try:
+            direct = push.handler(event, FakeLambdaContext())
+        finally:
+            push.service.cache_clear()
+            config.cached.cache_clear()
+            ingest.service.cache_clear()
+    assert local == direct
+    assert local["measurements"]["rows"] == 120
+
+
+def test_start_api_serves_the_template_routes_with_gzip_and_404(admin_db_postgres: str) -> None:
+    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+        token = customers.create(conn, "DEV0001", "Dev").token
+    stack = _stack("admin", {"Parameters": {"DATABASE_URL": admin_db_postgres}})
+    try:
+        with serve_api(stack, port=0) as api:
+            assert {r.route_key for r in api.routes} == {"POST /api/fleet/ingest", "GET /api/fleet/ingest/state"}
+            body = gzip.compress(
+                json.dumps({"items": [{"time": "2026-11-01T00:00:00Z", "device_id": "m1", "power_w": 5}]}).encode()
+            )
+            request = urllib.request.Request(
+                f"{api.url}/api/fleet/ingest",
+                data=body,
+                method="POST",
+                headers={
+                    "Content-Type": "application/json",
+                    "Content-Encoding": "gzip",
+                    "X-Customer-Token": token,
+                    "X-Batch-Type": "measurements",
+                },
+            )
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                assert resp.status == 200
+                assert json.loads(resp.read()) == {"accepted": 1, "duplicates": 0, "rejected": 0, "errors": []}
+            with pytest.raises(urllib.error.HTTPError) as missing:
+                urllib.request.urlopen(f"{api.url}/api/fleet/nope", timeout=10)
+            assert missing.value.code == 404
+            with pytest.raises(urllib.error.HTTPError) as unauthorised:
+                urllib.request.urlopen(f"{api.url}/api/fleet/ingest/state", timeout=30)
+            assert unauthorised.value.code == 401
+    finally:
+        stack.close()
+    with psycopg.connect(admin_db_postgres) as conn:
+        assert conn.execute("SELECT count(*) FROM fleet.power_measurements").fetchone() == (1,)
+
+
+@pytest.mark.parametrize(
+    ("expression", "after", "expected"),
+    [
+        ("rate(1 minute)", "2026-11-27T10:00:30Z", "2026-11-27T10:01:30Z"),
+        ("rate(5 minutes)", "2026-11-27T10:00:00Z", "2026-11-27T10:05:00Z"),
+        ("cron(0/15 * * * ? *)", "2026-11-27T10:07:10Z", "2026-11-27T10:15:00Z"),
+        ("cron(0/15 * * * ? *)", "2026-11-27T10:45:00Z", "2026-11-27T11:00:00Z"),
+        ("cron(30 2 ? * MON *)", "2026-11-27T10:00:00Z", "2026-11-30T02:30:00Z"),
+        ("rate(15 minutes)", "2026-11-27T10:00:00Z", "2026-11-27T10:15:00Z"),
+    ],
+)
+def test_schedule_expressions(expression: str, after: str, expected: str) -> None:
+    start = datetime.fromisoformat(after)
+    assert Schedule.parse(expression).next_after(start) == datetime.fromisoformat(expected)
+
+
+@pytest.mark.parametrize(
+    "bad", ["rate(0 minutes)", "rate(1 minutes)", "rate(5 minute)", "cron(* * * * * *)", "every 5m"]
+)
+def test_bad_schedule_expressions_are_refused(bad: str) -> None:
+    with pytest.raises(ValueError, match=r"rate|cron|schedule|'\?'"):
+        Schedule.parse(bad)
+
+
+def test_template_schedules_are_read_from_the_template() -> None:
+    stack = _stack("client", {})
+    assert ("PushFunction", "Push", "rate(1 minute)") in stack.schedules()
+    assert ("MaintenanceFunction", "Maintenance", "rate(15 minutes)") in stack.schedules()
+
+
+def test_cli_local_invoke_prints_the_response(admin_db_postgres: str, tmp_path: Path, capsys) -> None:
+    env_file = tmp_path / "env.json"
+    env_file.write_text(json.dumps({"Parameters": {"DATABASE_URL": admin_db_postgres}}))
+    code = main(
+        [
+            "local", "invoke", "MaintenanceFunction", "--event", str(EVENTS / "bootstrap/maintenance.json"),
+            "--env-vars", str(env_file), "--parameter-overrides", "Mode=admin",
+        ]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    assert json.loads(out)["profile"] == "postgres"
+
+
+@pytest.mark.parametrize("profile", ["postgres", "timescale"])
+def test_the_demo_scenario_passes_every_check(pg_server, profile: str) -> None:
+    if profile == "timescale" and not pg_server.has_timescale:
+        from conftest import require_timescale
+
+        require_timescale(pg_server)
+    lines: list[str] = []
+    result = run_demo(
+        server_url=pg_server.base_url,
+        sizes=Sizes(devices=3, live_hours=1, replay_minutes=600, old_replay_minutes=120, batch_size=300),
+        out=lines.append,
+        profile=profile,
+    )
+    report = "\n".join(lines)
+    assert result.profile == profile, report
+    assert result.ok, report
+    assert "all checks passed" in report
+    assert len(result.checks) >= 7
+    assert result.batches > 3
+
+
+def test_status_shows_each_customer_at_a_glance(admin_db_postgres: str, capsys) -> None:
+    from fleet.status import fleet_status, render
+
+    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+        customers.create(conn, "DEV0001", "Dev")
+        customers.create(conn, "DEV0002", "Quiet")
+        conn.execute(
+            "INSERT INTO fleet.ingest_events (customer_id, batch_type, accepted, status, client_cursor, min_time)"
+            " VALUES ('DEV0001', 'measurements', 100, 200, 'cur-1', now() - interval '3 days'),"
+            "        ('DEV0001', 'measurements', 300, 200, 'cur-2', now()),"
+            "        ('DEV0001', 'measurements', 0, 413, NULL, NULL)"
+        )
+        conn.execute("UPDATE fleet.customers SET last_seen_at = now() - interval '5 minutes' WHERE id = 'DEV0001'")
+        rows = {r["id"]: r for r in fleet_status(conn)}
+    assert rows["DEV0001"]["rows_1h"] == 400
+    assert rows["DEV0001"]["late_1d"] == 100
+    assert rows["DEV0001"]["refused_1d"] == 1
+    assert rows["DEV0001"]["newest"]["status"] == 413
+    assert rows["DEV0002"]["rows_1d"] == 0
+    text = render(list(rows.values()), datetime.now(UTC))
+    assert "DEV0001" in text and "25%" in text and "5m ago" in text and "never" in text
+    assert main(["status", "--database-url", admin_db_postgres]) == 0
+    assert "DEV0002" in capsys.readouterr().out
