@@ -1,7 +1,9 @@
 """Data access for the ingest: token lookup, the batch write, the audit trail,
 the quarantine and the ledger. Every statement is parameterised; rows travel as
 arrays through ``unnest`` (one round trip per batch, no server-side prepared
-statements, no temporary tables: nothing that pins an RDS Proxy session).
+statements, no temporary tables: nothing that pins an RDS Proxy session). Arrays go in
+binary format (fleet.pgarrays for the measurements' columns), which PostgreSQL reads
+without parsing: faster, by the benchmark, than text arrays or handing it the JSON.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from typing import Any
 
 import psycopg
 
-from fleet.models import BatchType, Device, Measurement, Site
+from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
+from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
 
 
 @dataclass(frozen=True)
@@ -137,28 +140,25 @@ class IngestStore:
         return outcome
 
     def _measurements(self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]) -> WriteOutcome:
+        """One call of fleet.insert_measurements (sql/admin/004_*): columns as arrays."""
         if not items:
             return WriteOutcome(0, 0)
-        # A consistent order keeps two overlapping batches from deadlocking.
-        rows = sorted(items, key=lambda m: (m.time, m.device_id))
-        params: dict[str, Any] = {
-            "customer": customer_id,
-            "time": [m.time for m in rows],
-            "device": [m.device_id for m in rows],
-            "power": [m.power_w for m in rows],
-            "voltage": [m.voltage_v for m in rows],
-            "current": [m.current_a for m in rows],
-            "energy": [m.energy_wh for m in rows],
-            "pf": [m.power_factor for m in rows],
-            "freq": [m.frequency_hz for m in rows],
-        }
-        query = _MEASUREMENTS_WITH_ROLLUP if self.has_rollup(conn) else _MEASUREMENTS
-        row = conn.execute(query, params).fetchone()
+        row = conn.execute(
+            "SELECT accepted, min_time, max_time FROM fleet.insert_measurements("
+            "%s, %b::timestamptz[], %b::text[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],"
+            " %b::float8[], %b::float8[])",
+            (
+                customer_id,
+                TimestamptzArray.of([m["time"] for m in items]),
+                TextArray.of([m["device_id"] for m in items]),
+                *(Float8Array.of([m.get(name) for m in items]) for name in MEASUREMENT_FIELDS),  # type: ignore[misc]
+            ),
+        ).fetchone()
         assert row is not None
         accepted, min_time, max_time = int(row[0]), row[1], row[2]
         if accepted and not self.has_rollup(conn):
             self._queue_stale_range(conn, min_time, max_time)
-        return WriteOutcome(accepted, len(rows) - accepted, min_time, max_time)
+        return WriteOutcome(accepted, len(items) - accepted, min_time, max_time)
 
     def _queue_stale_range(self, conn: psycopg.Connection, min_time: datetime, max_time: datetime) -> None:
         # TimescaleDB: rows older than the refresh policy's window are never
@@ -219,67 +219,16 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
     return event_id
 
 
-_MEASUREMENT_INPUT = """
-    input AS (
-        SELECT * FROM unnest(%(time)s::timestamptz[], %(device)s::text[], %(power)s::float8[],
-                             %(voltage)s::float8[], %(current)s::float8[], %(energy)s::float8[],
-                             %(pf)s::float8[], %(freq)s::float8[])
-               AS u(time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz)
-    ),
-    ins AS (
-        INSERT INTO fleet.power_measurements
-            (time, customer_id, device_id, power_w, voltage_v, current_a, energy_wh, power_factor,
-             frequency_hz)
-        SELECT time, %(customer)s, device_id, power_w, voltage_v, current_a, energy_wh, power_factor,
-               frequency_hz
-        FROM input
-        ON CONFLICT (time, customer_id, device_id) DO NOTHING
-        RETURNING time, device_id, power_w, energy_wh
-    )"""
-
-_MEASUREMENTS = f"""
-WITH {_MEASUREMENT_INPUT}
-SELECT count(*), min(time), max(time) FROM ins
-"""
-
-# postgres profile: the rollup grows from exactly the rows this statement inserted.
-_MEASUREMENTS_WITH_ROLLUP = f"""
-WITH {_MEASUREMENT_INPUT},
-    rollup AS (
-        INSERT INTO fleet.hourly_rollup AS r
-            (bucket, customer_id, device_id, sample_count, power_samples, sum_power_w,
-             min_power_w, max_power_w, min_energy_wh, max_energy_wh)
-        SELECT date_trunc('hour', time, 'UTC'), %(customer)s, device_id, count(*), count(power_w),
-               sum(power_w), min(power_w), max(power_w), min(energy_wh), max(energy_wh)
-        FROM ins
-        GROUP BY 1, 3
-        ORDER BY 1, 3
-        ON CONFLICT (bucket, customer_id, device_id) DO UPDATE SET
-            sample_count  = r.sample_count + excluded.sample_count,
-            power_samples = r.power_samples + excluded.power_samples,
-            sum_power_w   = CASE WHEN r.sum_power_w IS NULL THEN excluded.sum_power_w
-                                 WHEN excluded.sum_power_w IS NULL THEN r.sum_power_w
-                                 ELSE r.sum_power_w + excluded.sum_power_w END,
-            min_power_w   = LEAST(r.min_power_w, excluded.min_power_w),
-            max_power_w   = GREATEST(r.max_power_w, excluded.max_power_w),
-            min_energy_wh = LEAST(r.min_energy_wh, excluded.min_energy_wh),
-            max_energy_wh = GREATEST(r.max_energy_wh, excluded.max_energy_wh)
-        RETURNING 1
-    )
-SELECT (SELECT count(*) FROM ins), (SELECT min(time) FROM ins), (SELECT max(time) FROM ins)
-"""
-
-
 def _upsert_sites(conn: psycopg.Connection, customer_id: str, items: Sequence[Site]) -> tuple[int, int]:
     if not items:
         return 0, 0
-    rows = sorted(items, key=lambda s: s.id)
+    rows = sorted(items, key=lambda s: s["id"])
     row = conn.execute(
         """
         WITH up AS (
             INSERT INTO fleet.sites AS s (customer_id, id, name, timezone, latitude, longitude, updated_at)
-            SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::float8[], %s::float8[],
-                                     %s::timestamptz[])
+            SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[],
+                                     %b::timestamptz[])
             ON CONFLICT (customer_id, id) DO UPDATE SET
                 name = excluded.name, timezone = excluded.timezone, latitude = excluded.latitude,
                 longitude = excluded.longitude, updated_at = excluded.updated_at, received_at = now()
@@ -294,12 +243,12 @@ def _upsert_sites(conn: psycopg.Connection, customer_id: str, items: Sequence[Si
         """,
         (
             customer_id,
-            [s.id for s in rows],
-            [s.name for s in rows],
-            [s.timezone for s in rows],
-            [s.latitude for s in rows],
-            [s.longitude for s in rows],
-            [s.updated_at for s in rows],
+            [s["id"] for s in rows],
+            [s["name"] for s in rows],
+            [s.get("timezone") for s in rows],
+            [s.get("latitude") for s in rows],
+            [s.get("longitude") for s in rows],
+            [s.get("updated_at") for s in rows],
         ),
     ).fetchone()
     accepted = int(row[0]) if row else 0
@@ -309,13 +258,13 @@ def _upsert_sites(conn: psycopg.Connection, customer_id: str, items: Sequence[Si
 def _upsert_devices(conn: psycopg.Connection, customer_id: str, items: Sequence[Device]) -> tuple[int, int]:
     if not items:
         return 0, 0
-    rows = sorted(items, key=lambda d: d.id)
+    rows = sorted(items, key=lambda d: d["id"])
     row = conn.execute(
         """
         WITH up AS (
             INSERT INTO fleet.devices AS d (customer_id, id, site_id, name, model, firmware_version, updated_at)
-            SELECT %s, * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                                     %s::timestamptz[])
+            SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                                     %b::timestamptz[])
             ON CONFLICT (customer_id, id) DO UPDATE SET
                 site_id = excluded.site_id, name = excluded.name, model = excluded.model,
                 firmware_version = excluded.firmware_version, updated_at = excluded.updated_at,
@@ -330,12 +279,12 @@ def _upsert_devices(conn: psycopg.Connection, customer_id: str, items: Sequence[
         """,
         (
             customer_id,
-            [d.id for d in rows],
-            [d.site_id for d in rows],
-            [d.name for d in rows],
-            [d.model for d in rows],
-            [d.firmware_version for d in rows],
-            [d.updated_at for d in rows],
+            [d["id"] for d in rows],
+            [d["site_id"] for d in rows],
+            [d["name"] for d in rows],
+            [d.get("model") for d in rows],
+            [d.get("firmware_version") for d in rows],
+            [d.get("updated_at") for d in rows],
         ),
     ).fetchone()
     accepted = int(row[0]) if row else 0

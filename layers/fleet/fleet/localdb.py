@@ -163,14 +163,26 @@ class LocalCluster:
         """Stop and start the same cluster (for fault tests)."""
         assert self.datadir is not None
         assert self._tmp is not None
-        self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
         self._run(
             str(self.bindir / "pg_ctl"),
             "-D", str(self.datadir),
             "-l", str(self._tmp / "server.log"),
-            "-w", "-t", "60",
-            "start",
+            "-m", "fast", "-w", "-t", "60",
+            "restart",
         )  # fmt: skip
+
+    def ensure_running(self) -> None:
+        """Start the server again if a fault test left it stopped."""
+        assert self.datadir is not None
+        assert self._tmp is not None
+        pg_ctl = [str(self.bindir / "pg_ctl"), "-D", str(self.datadir)]
+        status = subprocess.run(
+            (["runuser", "-u", self._owner, "--"] if self._owner else []) + [*pg_ctl, "status"],
+            capture_output=True,
+            check=False,
+        )
+        if status.returncode != 0:
+            self._run(*pg_ctl, "-l", str(self._tmp / "server.log"), "-w", "-t", "60", "start")
 
     def __enter__(self) -> LocalCluster:
         return self.start()

@@ -29,7 +29,7 @@ from fleet import push_source
 from fleet.observability import logger, metrics
 from fleet.push_source import Cursor
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
-from fleet.push_transport import IngestClient, Reply, TransportError, encode_batch
+from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
 
 BACKOFF_BASE_S = 60.0
 BACKOFF_CAP_S = 1800.0
@@ -184,16 +184,16 @@ class PushService:
             size = self._size(state)
             page = push_source.read_measurements(conn, cursor, size)
             self.checkpoints.reached("after_read", "measurements")
-            if not page.items:
+            if not page.count:
                 break
-            reply = self._send(state, owner, rep, "measurements", page.items, cursor, page.cursor)
+            reply = self._send(state, owner, rep, "measurements", page.body(), page.count, cursor, page.cursor)
             if reply is None:  # 413: halved; read again at the smaller size
                 continue
             if not 200 <= reply.status < 300:
                 return
             cursor = Cursor.decode(state.cursor)
             sent += 1
-            if len(page.items) < size:
+            if page.count < size:
                 break
         rep.outcome = "pushed" if rep.batches else "idle"
         self._report_lag(conn, cursor)
@@ -217,7 +217,8 @@ class PushService:
         while offset < len(rows) or (offset == 0 and not rows):
             chunk = rows[offset : offset + self._size(state)]
             marker = f"{digest}:{offset + len(chunk)}/{len(rows)}"
-            reply = self._send(state, owner, rep, state.resource, chunk, None, marker)
+            body = json.dumps({"items": chunk}, separators=(",", ":")).encode()
+            reply = self._send(state, owner, rep, state.resource, body, len(chunk), None, marker)
             if reply is None:
                 continue
             if not 200 <= reply.status < 300:
@@ -237,19 +238,20 @@ class PushService:
         owner: str,
         rep: ResourceReport,
         batch_type: str,
-        items: list[dict[str, Any]],
+        raw: bytes,
+        count: int,
         before: Cursor | None,
         after: Cursor | str,
     ) -> Reply | None:
         """Send one batch and apply the response rules. None means "413: resend smaller"."""
         after_text = after.encode() if isinstance(after, Cursor) else after
-        body = encode_batch(items)
-        if state.server_max_bytes and len(body) > state.server_max_bytes and len(items) > 1:
-            self._halve(state, owner, len(items), "body over the server's limit")
+        body = gzip_body(raw)
+        if state.server_max_bytes and len(body) > state.server_max_bytes and count > 1:
+            self._halve(state, owner, count, "body over the server's limit")
             return None
         # The same batch re-sent gets the same id, so the server's audit shows it.
         before_text = before.encode() if before else ""
-        batch_id = str(uuid.uuid5(_BATCH_NAMESPACE, f"{batch_type}|{before_text}|{after_text}|{len(items)}"))
+        batch_id = str(uuid.uuid5(_BATCH_NAMESPACE, f"{batch_type}|{before_text}|{after_text}|{count}"))
         try:
             reply = self.client.post_batch(batch_type, body, after_text, batch_id)
         except TransportError as exc:
@@ -259,13 +261,13 @@ class PushService:
         status = reply.status
         if 200 <= status < 300:
             self.checkpoints.reached("after_2xx", batch_type)
-            self._succeeded(state, owner, rep, reply, len(items), len(body), after, batch_type)
+            self._succeeded(state, owner, rep, reply, count, len(body), after, batch_type)
             self.checkpoints.reached("after_cursor_saved", batch_type)
         elif status == 413:
-            if len(items) <= 1:
+            if count <= 1:
                 self._refused(state, owner, rep, "413 for a single item")
                 return reply
-            self._halve(state, owner, len(items), "server answered 413")
+            self._halve(state, owner, count, "server answered 413")
             return None
         elif status in (429, 503):
             wait = reply.retry_after if reply.retry_after is not None else backoff_delay(state.failures + 1, self.rng)

@@ -75,58 +75,88 @@ class Cursor:
 START = Cursor("legacy")
 XID_START = Cursor("xid")
 
-_COLUMNS = "time, device_id, " + ", ".join(MEASUREMENT_FIELDS)
+# PostgreSQL writes each row's JSON itself (C, no Python object per row): by the
+# benchmark the push path is several times faster this way. Timestamps come out as
+# ISO 8601 with an offset, floats in their shortest exact form.
+_ROW_JSON = (
+    "json_build_object('time', time, 'device_id', device_id, "
+    + ", ".join(f"'{name}', {name}" for name in MEASUREMENT_FIELDS)
+    + ")::text"
+)
+
+_PAGE = """
+WITH page AS (
+    SELECT push_xid, time, device_id, {row_json} AS j
+    FROM monitoring.power_measurements
+    WHERE {where}
+    ORDER BY {order}
+    LIMIT %(limit)s
+)
+SELECT (SELECT string_agg(j, ',') FROM page), (SELECT count(*) FROM page), last.push_xid::text, last.time,
+       last.device_id
+FROM (SELECT push_xid, time, device_id FROM page ORDER BY {order_desc} LIMIT 1) AS last
+"""
+
+_LEGACY = _PAGE.format(
+    row_json=_ROW_JSON,
+    where="push_xid IS NULL AND (time, device_id) > (%(time)s::timestamptz, %(device)s)",
+    order="time, device_id",
+    order_desc="time DESC, device_id DESC",
+)
+_BY_XID = _PAGE.format(
+    row_json=_ROW_JSON,
+    where=(
+        "push_xid IS NOT NULL AND (push_xid, time, device_id) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
+        " AND push_xid < %(horizon)s::xid8"
+    ),
+    order="push_xid, time, device_id",
+    order_desc="push_xid DESC, time DESC, device_id DESC",
+)
 
 
 @dataclass
 class MeasurementPage:
-    items: list[dict[str, Any]]
+    items_json: list[str]  # JSON text of the rows, in parts to be joined with ","
+    count: int
     cursor: Cursor  # the key of the last row read (unchanged when none)
-    oldest_received_at: datetime | None = None
 
-
-def _item(row: tuple[Any, ...]) -> dict[str, Any]:
-    item: dict[str, Any] = {"time": row[0].isoformat(), "device_id": row[1]}
-    for name, value in zip(MEASUREMENT_FIELDS, row[2:8], strict=True):
-        item[name] = value
-    return item
+    def body(self) -> bytes:
+        """The request body: ``{"items": [...]}``."""
+        return b'{"items":[' + ",".join(self.items_json).encode() + b"]}"
 
 
 def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> MeasurementPage:
     """Up to ``limit`` rows after ``cursor``, in one REPEATABLE READ snapshot."""
-    items: list[dict[str, Any]] = []
+    parts: list[str] = []
+    count = 0
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         if cursor.phase == "legacy":
-            rows = conn.execute(
-                f"SELECT {_COLUMNS} FROM monitoring.power_measurements"
-                " WHERE push_xid IS NULL AND (time, device_id) > (%s::timestamptz, %s)"
-                " ORDER BY time, device_id LIMIT %s",
-                (cursor.time, cursor.device, limit),
-            ).fetchall()
-            items = [_item(r) for r in rows]
-            if rows:
-                cursor = Cursor("legacy", 0, rows[-1][0].isoformat(), rows[-1][1])
-            if len(rows) == limit:
-                return MeasurementPage(items, cursor)
+            row = conn.execute(_LEGACY, {"time": cursor.time, "device": cursor.device, "limit": limit}).fetchone()
+            if row is not None:
+                parts.append(row[0])
+                count = int(row[1])
+                cursor = Cursor("legacy", 0, row[3].isoformat(), row[4])
+            if count == limit:
+                return MeasurementPage(parts, count, cursor)
             cursor = XID_START  # legacy rows done: continue with the transaction-id order
         horizon_row = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()
         assert horizon_row is not None
-        rows = conn.execute(
-            # The text form gets its own name: "ORDER BY push_xid" would otherwise sort
-            # by the output column, as text ('1000' < '739'), and skip rows.
-            f"SELECT push_xid::text AS xid_text, {_COLUMNS} FROM monitoring.power_measurements"
-            " WHERE push_xid IS NOT NULL"
-            " AND (push_xid, time, device_id) > (%s::xid8, %s::timestamptz, %s)"
-            " AND push_xid < %s::xid8"
-            " ORDER BY push_xid, time, device_id LIMIT %s",
-            (str(cursor.xid), cursor.time, cursor.device, horizon_row[0], limit - len(items)),
-        ).fetchall()
-        items.extend(_item(r[1:]) for r in rows)
-        if rows:
-            last = rows[-1]
-            cursor = Cursor("xid", int(last[0]), last[1].isoformat(), last[2])
-    return MeasurementPage(items, cursor)
+        row = conn.execute(
+            _BY_XID,
+            {
+                "xid": str(cursor.xid),
+                "time": cursor.time,
+                "device": cursor.device,
+                "horizon": horizon_row[0],
+                "limit": limit - count,
+            },
+        ).fetchone()
+        if row is not None:
+            parts.append(row[0])
+            count += int(row[1])
+            cursor = Cursor("xid", int(row[2]), row[3].isoformat(), row[4])
+    return MeasurementPage(parts, count, cursor)
 
 
 def oldest_unpushed(conn: psycopg.Connection, cursor: Cursor) -> datetime | None:

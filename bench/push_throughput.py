@@ -1,0 +1,108 @@
+"""Push throughput: the push path from the Client database to gzip request bodies
+(HTTP excluded: a sink that only counts bytes), against COPY (SELECT ...) TO STDOUT
+of the same rows from the same database."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+from fleet.push_service import PushService
+from fleet.push_state import ResourceState
+from fleet.push_transport import Reply
+
+from bench.common import database, server, summary
+
+
+class MemoryState:
+    """The DynamoDB state store's interface, in memory (DynamoDB is not measured)."""
+
+    def __init__(self) -> None:
+        self.items: dict[str, ResourceState] = {}
+
+    def acquire(self, resource: str, owner: str, now: float, lease_seconds: int) -> ResourceState:
+        state = self.items.setdefault(resource, ResourceState(resource, initialized=True))
+        return state
+
+    def save(self, state: ResourceState, owner: str) -> None:
+        state.version += 1
+
+    def release(self, resource: str, owner: str) -> None:
+        pass
+
+    def get(self, resource: str) -> ResourceState | None:
+        return self.items.get(resource)
+
+
+class Sink:
+    """Stands in for the ingest API: counts bodies and bytes, answers 200."""
+
+    def __init__(self) -> None:
+        self.bytes = 0
+        self.batches = 0
+
+    def post_batch(self, batch_type: str, body: bytes, cursor: str, batch_id: str) -> Reply:
+        self.bytes += len(body)
+        self.batches += 1
+        return Reply(200, {"accepted": 0, "duplicates": 0, "rejected": 0})
+
+    def state(self) -> Reply:
+        return Reply(200, {"ledger": {}, "limits": {}})
+
+
+def _fill(url: str, rows: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements"
+            " (time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz)"
+            " SELECT '2026-01-01T00:00:00Z'::timestamptz + make_interval(mins => g / 50), 'meter-' || (g %% 50),"
+            "        100 + (g %% 997) * 1.37, 230 + (g %% 7) * 0.1, 1.5 + (g %% 13) * 0.11, 1e6 + g * 1.5,"
+            "        0.9 + (g %% 10) * 0.01, 50 + (g %% 5) * 0.01"
+            " FROM generate_series(1, %s) g",
+            (rows,),
+        )
+        conn.execute("VACUUM ANALYZE monitoring.power_measurements")
+
+
+def run(server_url: str, rows: int, batch: int) -> dict[str, float]:
+    with database(server_url, "client") as url:
+        _fill(url, rows)
+        with psycopg.connect(url, autocommit=True) as conn:
+            out = 0
+            start = time.perf_counter()
+            with conn.cursor().copy(
+                "COPY (SELECT time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz"
+                " FROM monitoring.power_measurements ORDER BY push_xid, time, device_id) TO STDOUT"
+            ) as cp:
+                for chunk in cp:
+                    out += len(chunk)
+            copy_s = time.perf_counter() - start
+        sink = Sink()
+        service = PushService(
+            lambda: psycopg.connect(url, autocommit=True, prepare_threshold=None),
+            MemoryState(),  # type: ignore[arg-type]
+            sink,  # type: ignore[arg-type]
+            batch_size=batch,
+            max_batches=10**9,
+        )
+        start = time.perf_counter()
+        report = service.tick()
+        push_s = time.perf_counter() - start
+        pushed = report.resources["measurements"].rows
+        assert pushed == rows, (pushed, rows)
+    copy_rate, push_rate = rows / copy_s, rows / push_s
+    summary("push.copy_to_stdout", copy_rate, "rows/s", 1.0, f"baseline: {out / rows:.0f} bytes/row of text")
+    summary(
+        "push.path",
+        push_rate,
+        "rows/s",
+        push_rate / copy_rate,
+        f"target >= 0.5 x COPY TO; {sink.bytes / rows:.1f} gzip bytes/row",
+    )
+    return {"copy": copy_rate, "push": push_rate}
+
+
+def main(smoke: bool = False) -> dict[str, float]:
+    rows, batch = (3_000, 500) if smoke else (500_000, 5_000)
+    with server() as (url, _):
+        return run(url, rows, batch)

@@ -1,0 +1,48 @@
+"""The benchmarks stay working: each runs with tiny sizes and prints its figures.
+(The figures themselves are measured by `python -m bench`, not here.)"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from support import ROOT
+
+LINE = re.compile(r"^(\S+) (\S+) (\S+) (\S+)(  # .*)?$")
+
+
+def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
+    env = dict(
+        os.environ,
+        DATABASE_URL=pg_server.base_url,
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "layers/fleet")]),
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "all", "--smoke"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    figures = {m[1]: m for line in proc.stdout.splitlines() if (m := LINE.match(line))}
+    for name in (
+        "ingest.postgres.handler",
+        "ingest.postgres.copy",
+        "ingest.postgres.naive_executemany",
+        "ingest.postgres.redelivery",
+        "push.path",
+        "push.copy_to_stdout",
+        "growth.cursor_query_200000",
+        "growth.ingest_batch_200000",
+        "coldstart.ingest_import",
+        "coldstart.minimal_powertools_import",
+        "memory.ingest_peak_rss",
+    ):
+        assert name in figures, f"{name} missing from:\n{proc.stdout}"
+        assert float(figures[name][2]) > 0
+    if pg_server.has_timescale:
+        assert "ingest.timescale.handler" in figures
