@@ -101,6 +101,15 @@ def _start_server() -> PgServer:
     return PgServer(base_url=base_url, version=version, has_timescale=has_ts, cluster=cluster)
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--minutes",
+        type=float,
+        default=0.0,
+        help="soak mode of the reliability load test: run it this many minutes (0: the short CI form)",
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "a throwaway cluster"
     from fleet.localdb import find_bindir
