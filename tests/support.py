@@ -101,3 +101,16 @@ def http_event(
     if query:
         event["queryStringParameters"] = dict(p.split("=", 1) for p in query.split("&"))
     return event
+
+
+class Clock:
+    """A clock the tests move by hand (backoff and leases read it)."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

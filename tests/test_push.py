@@ -29,20 +29,9 @@ from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
 from fleet.push_state import LeaseLost, PushStateStore
 from fleet.push_transport import IngestClient, parse_retry_after
 from moto import mock_aws
-from support import FakeLambdaContext, load_event
+from support import Clock, FakeLambdaContext, load_event
 
 INGEST_PATH = "/api/fleet/ingest"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture

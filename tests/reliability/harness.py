@@ -4,7 +4,6 @@ rows on the Client side, and the sent == received check."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -17,19 +16,10 @@ from fleet.local_api import LocalHttpApi, Route, serving
 from fleet.push_service import Checkpoints, PushService
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
+from support import Clock
 
 INGEST_PATH = "/api/fleet/ingest"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+__all__ = ["INGEST_PATH", "Clock"]
 
 
 def reset_caches() -> None:

@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fleet.local_api import LocalHttpApi, Route
+from fleet.local_api import Route, serving
 from fleet.sam_template import FunctionSpec, Template, function_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -210,16 +210,9 @@ class LocalStack:
         self._pools.clear()
 
 
-@contextmanager
-def serve_api(stack: LocalStack, host: str = "127.0.0.1", port: int = 3000) -> Iterator[LocalHttpApi]:
-    api = LocalHttpApi(stack.routes(), host, port)
-    thread = threading.Thread(target=api.serve_forever, name="fleet-local-api", daemon=True)
-    thread.start()
-    try:
-        yield api
-    finally:
-        api.shutdown()
-        api.server_close()
+def serve_api(stack: LocalStack, host: str = "127.0.0.1", port: int = 3000) -> Any:
+    """Every HTTP API route of the template, served until the block ends."""
+    return serving(stack.routes(), host, port)
 
 
 # --- schedules ------------------------------------------------------------------
