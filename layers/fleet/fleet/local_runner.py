@@ -17,7 +17,6 @@ import re
 import subprocess
 import sys
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -439,8 +438,3 @@ def wait_forever(stop: threading.Event) -> None:
             pass
     except KeyboardInterrupt:
         stop.set()
-
-
-def monotonic_deadline(seconds: float) -> Callable[[], bool]:
-    end = time.monotonic() + seconds
-    return lambda: time.monotonic() >= end

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -204,9 +203,3 @@ def migrate(
             )
             result.applied.append(mig.path.name)
     return result
-
-
-def pending(conn: psycopg.Connection, role: Role, profile: Profile) -> Iterable[str]:
-    """Names of the migrations not yet applied (for reports)."""
-    done = {row[0] for row in conn.execute("SELECT version FROM fleet_meta.migrations WHERE role = %s", (role,))}
-    return [m.path.name for m in discover(role, profile) if m.version not in done]

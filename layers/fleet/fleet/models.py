@@ -9,11 +9,10 @@ so one bad item is rejected with its index and a reason while the rest lands.
 
 from __future__ import annotations
 
-from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, NotRequired, TypedDict
 
-from pydantic import AwareDatetime, ConfigDict, Field, TypeAdapter, with_config
+from pydantic import AwareDatetime, ConfigDict, Field, with_config
 
 # Client ids: 1..64 characters of text, no NUL (PostgreSQL text cannot hold it).
 ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=r"^[^\x00]+$")]
@@ -84,11 +83,3 @@ _MESSAGES = {
 
 def error_message(err: Any) -> str:
     return _MESSAGES.get(err["type"], str(err["msg"]))
-
-
-def items_adapter(batch_type: BatchType) -> TypeAdapter[list[Any]]:
-    return TypeAdapter(list[ITEM_MODELS[batch_type]])  # type: ignore[valid-type]
-
-
-def measurement_key(m: Measurement) -> tuple[datetime, str]:
-    return (m["time"], m["device_id"])
