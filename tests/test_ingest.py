@@ -94,6 +94,15 @@ def _reset_caches() -> None:
 
 @pytest.fixture
 def api(admin_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestClient]:
+    yield from _client(admin_db, monkeypatch)
+
+
+@pytest.fixture
+def api_timescale(admin_db_timescale: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestClient]:
+    yield from _client(admin_db_timescale, monkeypatch)
+
+
+def _client(admin_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestClient]:
     monkeypatch.setenv("DATABASE_URL", admin_db)
     monkeypatch.delenv("DB_SECRET_ARN", raising=False)
     monkeypatch.setenv("MAX_BODY_BYTES", "200000")
@@ -618,3 +627,21 @@ def test_back_dated_batch_over_30_days_shows_up_in_the_hourly_view(api: IngestCl
     rows = _hourly(api, "meter-1")
     assert [(r[0], r[1]) for r in rows] == [(old, 60)]
     assert rows[0][2] == pytest.approx(29.5)
+
+
+def test_back_filled_rows_into_compressed_chunks_insert_and_deduplicate(api_timescale: IngestClient) -> None:
+    api = api_timescale
+    old = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(days=60)
+    first = [m(old + timedelta(minutes=i), power=float(i)) for i in range(0, 60, 2)]
+    assert api.post("measurements", first).body["accepted"] == 30
+    compressed = api.sql(
+        "SELECT count(compress_chunk(c, if_not_compressed => true))"
+        " FROM show_chunks('fleet.power_measurements', older_than => now() - interval '30 days') c"
+    )
+    assert compressed[0][0] >= 1
+    # Re-delivery of compressed rows, mixed with new rows in the same chunk.
+    mixed = [m(old + timedelta(minutes=i), power=float(i)) for i in range(60)]
+    answer = api.post("measurements", mixed)
+    assert answer.body == {"accepted": 30, "duplicates": 30, "rejected": 0, "errors": []}
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 60
+    assert api.one("SELECT sum(power_w) FROM fleet.power_measurements") == sum(range(60))
