@@ -2,7 +2,8 @@
 -- per session inside PL/pgSQL (no SQL-level PREPARE, which would pin an RDS Proxy
 -- session) and one call is one round trip. Rows arrive as arrays in binary form.
 -- A consistent order keeps two overlapping batches from deadlocking; the rollup grows
--- from exactly the rows inserted (re-delivered rows add nothing).
+-- from exactly the rows inserted (re-delivered rows add nothing). Hours are UTC:
+-- date_bin on a UTC origin equals date_trunc('hour', t, 'UTC') at half the cost.
 CREATE FUNCTION fleet.insert_measurements(
     p_customer text,
     p_time timestamptz[],
@@ -37,7 +38,7 @@ BEGIN
             INSERT INTO fleet.hourly_rollup AS r
                 (bucket, customer_id, device_id, sample_count, power_samples, sum_power_w,
                  min_power_w, max_power_w, min_energy_wh, max_energy_wh)
-            SELECT date_trunc('hour', ins.time, 'UTC'), p_customer, ins.device_id, count(*), count(ins.power_w),
+            SELECT date_bin('1 hour', ins.time, '2000-01-01 00:00:00+00'), p_customer, ins.device_id, count(*), count(ins.power_w),
                    sum(ins.power_w), min(ins.power_w), max(ins.power_w), min(ins.energy_wh), max(ins.energy_wh)
             FROM ins
             GROUP BY 1, 3
@@ -72,7 +73,7 @@ BEGIN
         INSERT INTO fleet.hourly_rollup AS r
             (bucket, customer_id, device_id, sample_count, power_samples, sum_power_w,
              min_power_w, max_power_w, min_energy_wh, max_energy_wh)
-        SELECT date_trunc('hour', ins.time, 'UTC'), p_customer, ins.device_id, count(*), count(ins.power_w),
+        SELECT date_bin('1 hour', ins.time, '2000-01-01 00:00:00+00'), p_customer, ins.device_id, count(*), count(ins.power_w),
                sum(ins.power_w), min(ins.power_w), max(ins.power_w), min(ins.energy_wh), max(ins.energy_wh)
         FROM ins
         GROUP BY 1, 3
