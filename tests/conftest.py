@@ -14,7 +14,6 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -22,8 +21,6 @@ from fleet.localdb import LocalCluster, timescaledb_installed
 from fleet.migrations import Profile, Role, migrate, timescaledb_offered
 from psycopg import sql
 
-ROOT = Path(__file__).resolve().parents[1]
-EVENTS = ROOT / "events"
 TIMESCALE_MISSING = (
     "TimescaleDB is not installed on this PostgreSQL server: the timescale profile is NOT covered by this run"
 )
