@@ -166,6 +166,12 @@ def admin_db_timescale(pg_server: PgServer) -> Iterator[str]:
     yield from _fresh(pg_server, pg_server.template("admin", "timescale"), "admints")
 
 
+@pytest.fixture
+def timescale_required(pg_server: PgServer) -> None:
+    """Skip (loudly, and counted in the summary) where TimescaleDB is not installed."""
+    require_timescale(pg_server)
+
+
 @pytest.fixture(params=["postgres", "timescale"])
 def admin_profile(request: pytest.FixtureRequest, pg_server: PgServer) -> str:
     if request.param == "timescale":

@@ -256,11 +256,9 @@ def test_cli_local_invoke_prints_the_response(admin_db_postgres: str, tmp_path: 
 
 
 @pytest.mark.parametrize("profile", ["postgres", "timescale"])
-def test_the_demo_scenario_passes_every_check(pg_server, profile: str) -> None:
-    if profile == "timescale" and not pg_server.has_timescale:
-        from conftest import require_timescale
-
-        require_timescale(pg_server)
+def test_the_demo_scenario_passes_every_check(pg_server, profile: str, request: pytest.FixtureRequest) -> None:
+    if profile == "timescale":
+        request.getfixturevalue("timescale_required")
     lines: list[str] = []
     result = run_demo(
         server_url=pg_server.base_url,
