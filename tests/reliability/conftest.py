@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
+from fleet.local_runner import embedded_dynamodb
 
 
 @pytest.fixture
@@ -14,3 +17,10 @@ def aws_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
         "AWS_DEFAULT_REGION": "eu-west-1",
     }.items():
         monkeypatch.setenv(key, value)
+
+
+@pytest.fixture
+def dynamodb_endpoint(aws_credentials: None) -> Iterator[str]:
+    """A DynamoDB endpoint other processes can reach too (moto server)."""
+    with embedded_dynamodb() as endpoint:
+        yield endpoint

@@ -9,12 +9,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import boto3
 import pytest
-from fleet.local_runner import embedded_dynamodb, ensure_state_table
+from fleet.local_runner import ensure_state_table
 from harness import INGEST_PATH, admin_api, new_token, tally, write_numbered
 from support import ROOT
 
@@ -45,18 +44,6 @@ print(json.dumps(service.tick().as_dict()))
 """
 
 
-@pytest.fixture
-def dynamodb(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    with embedded_dynamodb() as endpoint:
-        yield endpoint
-
-
 def _run(env: dict[str, str], crash_at: str = "") -> tuple[int, dict[str, Any] | None]:
     child_env = dict(os.environ, **env, CRASH_AT=crash_at, PYTHONPATH=str(ROOT / "layers/fleet"))
     proc = subprocess.run([sys.executable, "-c", CHILD], env=child_env, capture_output=True, text=True, timeout=120)
@@ -66,17 +53,17 @@ def _run(env: dict[str, str], crash_at: str = "") -> tuple[int, dict[str, Any] |
 
 @pytest.mark.parametrize("point", ["after_read", "after_send", "after_2xx", "after_cursor_saved"])
 def test_sigkill_at_each_point_loses_and_doubles_nothing(
-    point: str, admin_db_postgres: str, client_db: str, dynamodb: str, monkeypatch: pytest.MonkeyPatch
+    point: str, admin_db_postgres: str, client_db: str, dynamodb_endpoint: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     write_numbered(client_db, 1, 400, per_tx=37)
     token = new_token(admin_db_postgres, "CRASH")
     table = f"state-{point}"
-    ensure_state_table(dynamodb, table)
+    ensure_state_table(dynamodb_endpoint, table)
     with admin_api(admin_db_postgres, monkeypatch) as api:
         env = {
             "CLIENT_URL": client_db,
             "STATE_TABLE": table,
-            "DYNAMODB_ENDPOINT_URL": dynamodb,
+            "DYNAMODB_ENDPOINT_URL": dynamodb_endpoint,
             "INGEST_URL": api.url + INGEST_PATH,
             "INGEST_TOKEN": token,
         }
@@ -98,5 +85,9 @@ def test_sigkill_at_each_point_loses_and_doubles_nothing(
     assert len(result.sent) == 400
     assert result.missing == set()
     assert result.doubled == 0
-    state = boto3.resource("dynamodb", endpoint_url=dynamodb).Table(table).get_item(Key={"resource": "measurements"})
+    state = (
+        boto3.resource("dynamodb", endpoint_url=dynamodb_endpoint)
+        .Table(table)
+        .get_item(Key={"resource": "measurements"})
+    )
     assert "cursor" in state["Item"]

@@ -11,13 +11,12 @@ import random
 import statistics
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack, embedded_dynamodb, ensure_state_table, serve_api
+from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack, ensure_state_table, serve_api
 from fleet.push_service import PushService
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
@@ -47,20 +46,8 @@ def _backlog(clients: list[str], names: list[str], admin: psycopg.Connection) ->
     return total
 
 
-@pytest.fixture
-def aws_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(key, value)
-    with embedded_dynamodb() as endpoint:
-        yield endpoint
-
-
 def test_twenty_customers_push_concurrently_and_every_row_arrives(
-    pg_server: Any, admin_db_postgres: str, aws_env: str, request: pytest.FixtureRequest
+    pg_server: Any, admin_db_postgres: str, dynamodb_endpoint: str, request: pytest.FixtureRequest
 ) -> None:
     minutes = float(request.config.getoption("minutes"))
     duration = minutes * 60 if minutes else 12.0
@@ -71,7 +58,7 @@ def test_twenty_customers_push_concurrently_and_every_row_arrives(
     names = [f"LOAD{i:02d}" for i in range(CUSTOMERS)]
     tokens = [new_token(admin_db_postgres, name) for name in names]
     for name in names:
-        ensure_state_table(aws_env, f"state-{name}")
+        ensure_state_table(dynamodb_endpoint, f"state-{name}")
     stack = LocalStack(
         Template(DEFAULT_TEMPLATE, {"Mode": "admin"}),
         {"Parameters": {"DATABASE_URL": admin_db_postgres}},
@@ -86,7 +73,7 @@ def test_twenty_customers_push_concurrently_and_every_row_arrives(
         rng = random.Random(i)
         service = PushService(
             lambda: psycopg.connect(clients[i], autocommit=True),
-            PushStateStore.connect(f"state-{names[i]}", aws_env),
+            PushStateStore.connect(f"state-{names[i]}", dynamodb_endpoint),
             IngestClient(api_url + INGEST_PATH, tokens[i], 2.0, 20.0),
             batch_size=500,
             max_batches=3,

@@ -19,13 +19,7 @@ from moto import mock_aws
 
 
 @pytest.fixture
-def table(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    for key, value in {
-        "AWS_ACCESS_KEY_ID": "x",
-        "AWS_SECRET_ACCESS_KEY": "x",
-        "AWS_DEFAULT_REGION": "eu-west-1",
-    }.items():
-        monkeypatch.setenv(key, value)
+def table(aws_credentials: None) -> Iterator[Any]:
     with mock_aws():
         yield boto3.resource("dynamodb").create_table(
             TableName="state",
