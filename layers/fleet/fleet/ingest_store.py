@@ -92,15 +92,16 @@ class IngestStore:
     def __init__(self, statement_timeout_ms: int = 20_000, refresh_window: timedelta = timedelta(days=30)):
         self.statement_timeout_ms = statement_timeout_ms
         self.refresh_window = refresh_window
-        self._rollup_by_conn: dict[int, bool] = {}
+        self._has_rollup: bool | None = None
 
     def has_rollup(self, conn: psycopg.Connection) -> bool:
-        """postgres profile: the hourly rollup table is kept by the ingest."""
-        key = id(conn)
-        if key not in self._rollup_by_conn:
+        """postgres profile: the hourly rollup table is kept by the ingest.
+
+        A property of the database, asked once per store (one store, one database)."""
+        if self._has_rollup is None:
             row = conn.execute("SELECT to_regclass('fleet.hourly_rollup') IS NOT NULL").fetchone()
-            self._rollup_by_conn = {key: bool(row and row[0])}
-        return self._rollup_by_conn[key]
+            self._has_rollup = bool(row and row[0])
+        return self._has_rollup
 
     def write_batch(
         self,
