@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fleet import db
-from fleet.migrations import ProfileChoice, Role, migrate
+from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
 from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, refresh_queued_ranges
 
 
@@ -48,8 +48,6 @@ def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str
     """Admin maintenance: partitions ahead (postgres) and queued aggregate refreshes."""
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
-        from fleet.migrations import applied_profile
-
         profile = applied_profile(conn, "admin")
         if profile is None:
             raise RuntimeError("the admin database has not been bootstrapped")

@@ -108,7 +108,7 @@ def _databases(server_url: str | None) -> Iterator[tuple[str, str]]:
         yield urls[0], urls[1]
 
 
-def _bootstrap(stack: LocalStack, capture: Any) -> dict[str, Any]:
+def _bootstrap(stack: LocalStack) -> dict[str, Any]:
     from fleet.local_api import Route, serving
 
     event = json.loads((EVENTS / "bootstrap" / "create.json").read_text())
@@ -203,7 +203,7 @@ def run_demo(
         )
         stack.callback(admin.close)
         _say(out, "bootstrapping the Admin database through BootstrapFunction (Create event)")
-        reply = _bootstrap(admin, None)
+        reply = _bootstrap(admin)
         result.profile = reply["Data"]["Profile"]
         _say(out, f"  Admin profile: {result.profile}; applied {reply['Data']['Applied']}")
 
@@ -235,7 +235,7 @@ def run_demo(
         )
         stack.callback(client.close)
         _say(out, "bootstrapping the Client database through BootstrapFunction (Create event)")
-        _bootstrap(client, None)
+        _bootstrap(client)
 
         now = datetime.now(UTC)
         _say(out, "the fleet writes: live readings, a replay back-dated to 2026-04-01, one older than 30 days")
