@@ -13,13 +13,13 @@ import base64
 import json
 import time
 import uuid
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypedDict
 
 import psycopg
+from isal import isal_zlib
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 
 from fleet import tokens
@@ -312,12 +312,16 @@ class IngestService:
         )
 
 
+# isal's stub declares its error class as an instance of Exception.
+_INFLATE_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
+
+
 def gunzip_capped(data: bytes, cap: int) -> bytes:
     """Decompress one gzip stream, refusing output over ``cap`` bytes (no bombs)."""
-    inflater = zlib.decompressobj(wbits=31)
+    inflater = isal_zlib.decompressobj(wbits=31)  # zlib's interface, 5x faster
     try:
         out = inflater.decompress(data, cap + 1)
-    except zlib.error:
+    except _INFLATE_ERROR:
         raise BadRequest("body is not valid gzip") from None
     if len(out) > cap:
         raise PayloadTooLarge(f"decompressed body is over {cap} bytes")
