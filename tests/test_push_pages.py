@@ -1,0 +1,166 @@
+"""The push's pages: the JSON of the fast path is exactly what PostgreSQL's own JSON
+functions write for the same rows, and a page the fast path cannot vouch for takes
+the slow path, whatever the values hold.
+
+The oracle is ``json_build_object`` over the same rows, computed here in SQL,
+independently of the code under test.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import psycopg
+import pytest
+from fleet import push_source
+from fleet.push_source import XID_START, Cursor, FastRows
+
+COLUMNS = "time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz"
+
+
+def _oracle(conn: psycopg.Connection, phase: str, limit: int, after: Cursor) -> list[Any]:
+    order = "time, device_id" if phase == "legacy" else "push_xid, time, device_id"
+    where = "push_xid IS NULL" if phase == "legacy" else "push_xid IS NOT NULL"
+    key = "(time, device_id)" if phase == "legacy" else "(push_xid, time, device_id)"
+    bound = "(%(time)s::timestamptz, %(device)s)" if phase == "legacy" else "(%(xid)s::xid8, %(time)s, %(device)s)"
+    row = conn.execute(
+        f"SELECT json_agg(j) FROM (SELECT json_build_object('time', time, 'device_id', device_id,"
+        " 'power_w', power_w, 'voltage_v', voltage_v, 'current_a', current_a, 'energy_wh', energy_wh,"
+        " 'power_factor', power_factor, 'frequency_hz', frequency_hz) AS j"
+        f" FROM monitoring.power_measurements WHERE {where} AND {key} > {bound}"
+        f" ORDER BY {order} LIMIT %(limit)s) page",
+        {"xid": str(after.xid), "time": after.time, "device": after.device, "limit": limit},
+    ).fetchone()
+    assert row is not None
+    return row[0] or []  # json comes back decoded
+
+
+def _write(conn: psycopg.Connection, rows: list[tuple[Any, ...]]) -> None:
+    """One transaction: one push_xid, so the rows make one page of their own."""
+    with conn.transaction(), conn.cursor() as cur:
+        cur.executemany(f"INSERT INTO monitoring.power_measurements ({COLUMNS}) VALUES ({', '.join(['%s'] * 8)})", rows)
+
+
+def _row(time: str, device: str, *metrics: Any) -> tuple[Any, ...]:
+    values = list(metrics) + [None] * (6 - len(metrics))
+    return (time, device, *values)
+
+
+PLAIN = [
+    _row("2026-11-01T00:00:00Z", "meter-1", 101.37, 230.1, 1.61, 1000001.5, 0.91, 50.01),
+    _row("2026-11-01T00:00:00.5Z", "meter 2", 1e300, 1e-7, -0.0, 123456789012345678, 0.1 + 0.2, 49.99),
+    _row("2026-11-01T00:00:01.000001+02:00", "Zähler-3", None, 230.0, None, 5.0),  # NULLs, another offset
+    _row("2026-11-01T00:00:02Z", "メーター4", 1.0),
+    _row("2026-11-01T00:00:03Z", "a\u2028b\u0085c"),  # line breaks JSON leaves alone (and splitlines would not)
+    _row("1999-01-01T00:00:00Z", "old:ONE", 7.25),  # capitals in a device id, no NULL among them
+    _row("0999-06-30T23:59:59.999999Z", "INV-9", 3.5, None),
+]
+
+# Each needs something only PostgreSQL's JSON writes right, or a word the fast path
+# would take for a value.
+SLOW = {
+    "quote": [_row("2026-11-02T00:00:00Z", 'meter "7"', 1.0)],
+    "backslash": [_row("2026-11-02T00:00:00Z", "meter\\7", 1.0)],
+    "tab and newline": [_row("2026-11-02T00:00:00Z", "meter\t7\n", 1.0)],
+    "control character": [_row("2026-11-02T00:00:00Z", "meter\x017", 1.0)],
+    "device named None": [_row("2026-11-02T00:00:00Z", "None", None)],
+    "device named NaN": [_row("2026-11-02T00:00:00Z", "x:NaN", 2.0)],
+    "device named Infinity": [_row("2026-11-02T00:00:00Z", "Infinity", 2.0)],
+    "BC timestamp": [_row("0044-03-15T00:00:00Z BC", "meter-1", 1.0)],
+    "infinite timestamp": [_row("infinity", "meter-1", 1.0)],
+}
+
+# Values the fast path writes itself, as PostgreSQL does: quoted.
+NOT_FINITE = [
+    _row("2026-11-03T00:00:00Z", "meter-1", float("nan"), float("inf"), float("-inf"), None, 1.0),
+]
+
+
+def _page_and_oracle(url: str, rows: list[tuple[Any, ...]]) -> tuple[push_source.MeasurementPage, list[Any]]:
+    """Write ``rows`` as the only rows of a fresh transaction and read them as one page."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("DELETE FROM monitoring.power_measurements")
+        _write(conn, rows)
+        page = push_source.read_measurements(conn, XID_START, len(rows))
+        return page, _oracle(conn, "xid", len(rows), XID_START)
+
+
+def test_the_fast_path_writes_what_postgresql_writes(client_db: str) -> None:
+    page, oracle = _page_and_oracle(client_db, PLAIN)
+    assert page.count == len(PLAIN)
+    assert [type(p) for p in page.parts] == [FastRows]  # vouched for: the fast path ran
+    assert json.loads(page.body()) == {"items": oracle}
+
+
+def test_nan_and_infinity_are_written_as_postgresql_writes_them(client_db: str) -> None:
+    page, oracle = _page_and_oracle(client_db, NOT_FINITE)
+    assert [type(p) for p in page.parts] == [FastRows]
+    item = json.loads(page.body())["items"][0]
+    assert item == oracle[0]
+    assert (item["power_w"], item["voltage_v"], item["current_a"]) == ("NaN", "Infinity", "-Infinity")
+
+
+@pytest.mark.parametrize("case", sorted(SLOW))
+def test_values_the_fast_path_cannot_vouch_for_take_the_slow_path(client_db: str, case: str) -> None:
+    rows = PLAIN[:2] + SLOW[case]
+    page, oracle = _page_and_oracle(client_db, rows)
+    assert page.count == len(rows)
+    assert [type(p) for p in page.parts] == [str]  # PostgreSQL wrote the JSON
+    assert json.loads(page.body()) == {"items": oracle}
+
+
+def test_a_null_time_or_device_takes_the_slow_path(client_db: str) -> None:
+    """A portal table older than the migration may allow them; the row goes to the
+    server, which rejects it with a reason, rather than being dropped here."""
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute("ALTER TABLE monitoring.power_measurements ALTER COLUMN device_id DROP NOT NULL")
+    page, oracle = _page_and_oracle(client_db, [*PLAIN[:2], _row("2026-11-04T00:00:00Z", None, 1.0)])  # type: ignore[arg-type]
+    assert [type(p) for p in page.parts] == [str]
+    items = json.loads(page.body())["items"]
+    assert items == oracle and items[-1]["device_id"] is None
+
+
+def test_the_cursor_is_the_key_of_the_last_row(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        first = push_source.read_measurements(conn, XID_START, 3)
+        rest = push_source.read_measurements(conn, first.cursor, 100)
+        last = conn.execute(
+            "SELECT push_xid::text, time, device_id FROM monitoring.power_measurements"
+            " ORDER BY push_xid, time, device_id OFFSET 2 LIMIT 1"
+        ).fetchone()
+        assert last is not None
+        assert (str(first.cursor.xid), first.cursor.device) == (last[0], last[2])
+        assert conn.execute("SELECT %s::timestamptz = %s", (first.cursor.time, last[1])).fetchone() == (True,)
+        both = json.loads(first.body())["items"] + json.loads(rest.body())["items"]
+        assert both == _oracle(conn, "xid", 100, XID_START)  # nothing skipped, nothing twice
+
+
+def test_legacy_rows_and_newer_rows_share_a_page_in_order(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN[:4])
+        conn.execute("UPDATE monitoring.power_measurements SET push_xid = NULL")  # as before the migration
+        _write(conn, PLAIN[4:] + SLOW["quote"])
+        page = push_source.read_measurements(conn, push_source.START, 100)
+        assert [type(p) for p in page.parts] == [FastRows, str]
+        expected = _oracle(conn, "legacy", 100, push_source.START) + _oracle(conn, "xid", 100, XID_START)
+        assert json.loads(page.body())["items"] == expected
+        assert page.cursor.phase == "xid"
+
+
+def test_a_session_with_other_formats_still_gets_rfc_3339_and_exact_floats(client_db: str) -> None:
+    """A role's own DateStyle, TimeZone or extra_float_digits must not leak into the body."""
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        conn.execute("SET DateStyle = 'SQL, DMY'")
+        conn.execute("SET TimeZone = 'America/St_Johns'")
+        conn.execute("SET extra_float_digits = -3")
+        page = push_source.read_measurements(conn, XID_START, 100)
+        items = json.loads(page.body())["items"]
+        conn.execute("RESET ALL")
+        assert items == _oracle(conn, "xid", 100, XID_START)
+        by_device = {item["device_id"]: item for item in items}
+        assert by_device["meter-1"]["time"] == "2026-11-01T00:00:00+00:00"
+        assert by_device["Zähler-3"]["time"] == "2026-10-31T22:00:01.000001+00:00"
+        assert by_device["meter 2"]["voltage_v"] == 1e-7 and by_device["meter 2"]["power_factor"] == 0.30000000000000004
