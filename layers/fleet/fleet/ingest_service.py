@@ -279,6 +279,10 @@ class IngestService:
     def _drop_future(
         self, models: list[Measurement], indexes: list[int], items: list[Any]
     ) -> tuple[list[Measurement], list[Reject]]:
+        # Times in datetime.UTC: pydantic's own tzinfo makes every comparison and
+        # subtraction after this (here and in the array encoder) several times slower.
+        for m in models:
+            m["time"] = m["time"].astimezone(UTC)
         limit = datetime.now(UTC) + timedelta(seconds=self.cfg.max_future_seconds)
         if max((m["time"] for m in models), default=limit) <= limit:
             return models, []

@@ -1,8 +1,8 @@
 """Columns encoded straight into PostgreSQL's binary array format.
 
 psycopg's generic array dumper visits every element in Python; these encoders hand
-whole columns to ``struct`` at once (C), about twice as fast for a 5,000-row batch,
-which is the largest Python cost left on the ingest path (see bench/). The wire
+whole columns to ``array`` and strided copies (C) at once, several times as fast for
+a 5,000-row batch, which is a large Python cost on the ingest path (see bench/). The wire
 format is array_recv's: ndim, has-null flag, element type, per dimension its length
 and lower bound, then per element a length (-1 for NULL) and the element's bytes.
 """
@@ -10,8 +10,11 @@ and lower bound, then per element a length (-1 for NULL) and the element's bytes
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from psycopg import adapters
 from psycopg.adapt import Dumper
@@ -22,6 +25,19 @@ _ONE_US = timedelta(microseconds=1)
 _NULL = b"\xff\xff\xff\xff"
 _PACK_ITEM_F8 = struct.Struct(">id").pack
 _LEN = struct.Struct(">i").pack
+
+
+def _eight_byte_elements(values: array[Any]) -> bytes:
+    """Each 8-byte value big-endian behind its length (8), for a whole column at
+    once: strided slice assignments, in C, instead of a pack per element."""
+    if sys.byteorder == "little":
+        values.byteswap()
+    raw = values.tobytes()
+    out = bytearray(12 * len(values))
+    out[3::12] = b"\x08" * len(values)  # the big-endian int32 8; its other bytes stay 0
+    for k in range(8):
+        out[4 + k :: 12] = raw[k::8]
+    return bytes(out)
 
 
 def _header(elem_oid: int, count: int, has_null: bool) -> bytes:
@@ -36,12 +52,12 @@ class Float8Array(bytes):
     @classmethod
     def of(cls, values: Sequence[float | None]) -> Float8Array:
         n = len(values)
-        if None not in values:
-            args: list[float | int] = [8] * (2 * n)
-            args[1::2] = values  # type: ignore[assignment]
-            return cls(_header(701, n, False) + struct.pack(">" + "id" * n, *args))
-        parts = [_NULL if v is None else _PACK_ITEM_F8(8, v) for v in values]
-        return cls(_header(701, n, True) + b"".join(parts))
+        try:
+            column = array("d", values)  # type: ignore[type-var]  # refuses None: faster than a search for it
+        except TypeError:
+            parts = [_NULL if v is None else _PACK_ITEM_F8(8, v) for v in values]
+            return cls(_header(701, n, True) + b"".join(parts))
+        return cls(_header(701, n, False) + _eight_byte_elements(column))
 
 
 class TimestamptzArray(bytes):
@@ -49,10 +65,8 @@ class TimestamptzArray(bytes):
 
     @classmethod
     def of(cls, values: Sequence[datetime]) -> TimestamptzArray:
-        n = len(values)
-        args: list[int] = [8] * (2 * n)
-        args[1::2] = [(v - _EPOCH) // _ONE_US for v in values]
-        return cls(_header(1184, n, False) + struct.pack(">" + "iq" * n, *args))
+        micros = array("q", [(v - _EPOCH) // _ONE_US for v in values])
+        return cls(_header(1184, len(values), False) + _eight_byte_elements(micros))
 
 
 class TextArray(bytes):
@@ -60,16 +74,9 @@ class TextArray(bytes):
 
     @classmethod
     def of(cls, values: Sequence[str | None]) -> TextArray:
-        parts = []
-        has_null = False
-        for v in values:
-            if v is None:
-                has_null = True
-                parts.append(_NULL)
-            else:
-                data = v.encode()
-                parts.append(_LEN(len(data)) + data)
-        return cls(_header(25, len(values), has_null) + b"".join(parts))
+        # Each distinct value encoded once: a batch names a few devices many times.
+        encoded = {v: _NULL if v is None else _LEN(len(data := v.encode())) + data for v in set(values)}
+        return cls(_header(25, len(values), None in encoded) + b"".join(map(encoded.__getitem__, values)))
 
 
 def _dumper(oid: int) -> type[Dumper]:
