@@ -111,6 +111,7 @@ def make_service(
     batch_size: int = 50,
     max_batches: int = 3,
     checkpoints: Checkpoints | None = None,
+    read_ahead: bool = True,
 ) -> PushService:
     return PushService(
         lambda: psycopg.connect(client_url, autocommit=True),
@@ -121,6 +122,7 @@ def make_service(
         clock=clock,
         rng=lambda: 1.0,
         checkpoints=checkpoints,
+        read_ahead=read_ahead,
     )
 
 
@@ -432,8 +434,11 @@ def test_503_waits_for_retry_after_as_an_http_date(scripted) -> None:
     assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
 
 
-def test_413_halves_at_once_and_grows_back_after_successes(scripted) -> None:
-    service, script, clock = scripted([(413, {}, {"message": "too large"})] * 2, batch_size=40, max_batches=3)
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_413_halves_at_once_and_grows_back_after_successes(scripted, read_ahead: bool) -> None:
+    service, script, clock = scripted(
+        [(413, {}, {"message": "too large"})] * 2, batch_size=40, max_batches=3, read_ahead=read_ahead
+    )
     service.tick()
     sizes = [len(r["items"]) for r in script.measurement_requests()]
     assert sizes == [40, 20, 10, 10, 10]  # two halvings in the same tick, then three batches
@@ -455,9 +460,10 @@ def test_401_backs_off_at_the_cap_and_raises_the_alarm(scripted) -> None:
     assert "PushRefused" in metrics.metric_set
 
 
-def test_400_for_a_whole_batch_never_moves_the_cursor_past_it(scripted) -> None:
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_400_for_a_whole_batch_never_moves_the_cursor_past_it(scripted, read_ahead: bool) -> None:
     answers = [(200, {}, {}), (200, {}, {}), (400, {}, {"message": "body is not valid JSON"})]
-    service, script, clock = scripted(answers, max_batches=3)
+    service, script, clock = scripted(answers, max_batches=3, read_ahead=read_ahead)
     service.tick()
     st = _state(service)
     sent = script.measurement_requests()
