@@ -56,10 +56,9 @@ def _cursor_query_ms(conn: psycopg.Connection, repeats: int) -> tuple[float, str
         page = push_source.read_measurements(conn, cursor, 5000)
         times.append((time.perf_counter() - start) * 1000)
         assert page.count > 0
-    horizon = conn.execute("SELECT pg_snapshot_xmin(pg_current_snapshot())::text").fetchone()[0]  # type: ignore[index]
     plan = conn.execute(
         "EXPLAIN (ANALYZE, BUFFERS) " + push_source._QUERIES["xid"][0],
-        {"xid": str(cursor.xid), "time": cursor.time, "device": cursor.device, "horizon": horizon, "limit": 5000},
+        {"xid": str(cursor.xid), "time": cursor.time, "device": cursor.device, "limit": 5000},
     ).fetchall()
     return statistics.median(times), "\n".join(r[0] for r in plan)
 

@@ -108,13 +108,13 @@ _LEGACY_WHERE = "push_xid IS NULL AND (time, device_id) > (%(time)s::timestamptz
 _LEGACY_ORDER = "time, device_id"
 _XID_WHERE = (
     "push_xid IS NOT NULL AND (push_xid, time, device_id) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
-    " AND push_xid < %(horizon)s::xid8"
+    " AND push_xid < pg_snapshot_xmin(pg_current_snapshot())"
 )
 _XID_ORDER = "push_xid, time, device_id"
-# The fast path's formats, for this transaction only; and the cursor's horizon.
+# The fast path's formats, for this transaction only.
 _SETTINGS = (
     "SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, YMD', true),"
-    " set_config('extra_float_digits', '1', true), pg_snapshot_xmin(pg_current_snapshot())::text"
+    " set_config('extra_float_digits', '1', true)"
 )
 
 _FAST_PAGE = "SELECT {columns} FROM monitoring.power_measurements WHERE {where} ORDER BY {order} LIMIT %(limit)s"
@@ -192,13 +192,15 @@ class MeasurementPage:
 
 
 def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> MeasurementPage:
-    """Up to ``limit`` rows after ``cursor``, in one REPEATABLE READ snapshot."""
+    """Up to ``limit`` rows after ``cursor``, in one REPEATABLE READ snapshot.
+
+    Pipelined: BEGIN, the settings and the page's query go to the server at once,
+    and the server is at work on the page after one round trip, not four."""
     parts: list[FastRows | str] = []
     count = 0
-    with conn.transaction():
+    with conn.pipeline(), conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        settings = conn.execute(_SETTINGS).fetchone()
-        assert settings is not None
+        conn.execute(_SETTINGS)
         params: dict[str, Any] = {"xid": "0", "time": cursor.time, "device": cursor.device, "limit": limit}
         if cursor.phase == "legacy":
             part, got, last = _read_part(conn, "legacy", params)
@@ -213,7 +215,6 @@ def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> M
             "xid": str(cursor.xid),
             "time": cursor.time,
             "device": cursor.device,
-            "horizon": settings[3],
             "limit": limit - count,
         }
         part, got, last = _read_part(conn, "xid", params)
