@@ -115,8 +115,13 @@ class IngestStore:
         """Rows, rollup, quarantine, audit row and last-seen, in one transaction.
 
         ``items`` are unique by key; ``valid_total`` counts the valid items the
-        client sent, so repeats inside the batch are counted as duplicates."""
-        with conn.transaction():
+        client sent, so repeats inside the batch are counted as duplicates.
+
+        Pipelined: BEGIN, the timeouts and the insert reach the server in one round
+        trip, the audit row in a second, the quarantine, the last-seen updates and
+        COMMIT in a third (seven round trips before). The statements and their order
+        are the same; only the waiting between them is gone."""
+        with conn.pipeline(), conn.transaction():
             _timeouts(conn, self.statement_timeout_ms)
             if batch_type is BatchType.MEASUREMENTS:
                 outcome = self._measurements(conn, audit.customer_id, items)  # type: ignore[arg-type]
