@@ -164,3 +164,28 @@ def test_a_session_with_other_formats_still_gets_rfc_3339_and_exact_floats(clien
         assert by_device["meter-1"]["time"] == "2026-11-01T00:00:00+00:00"
         assert by_device["Zähler-3"]["time"] == "2026-10-31T22:00:01.000001+00:00"
         assert by_device["meter 2"]["voltage_v"] == 1e-7 and by_device["meter 2"]["power_factor"] == 0.30000000000000004
+
+
+def test_a_session_already_in_utc_and_iso_is_left_as_it_is(client_db: str) -> None:
+    """Nothing is set where nothing differs: a changed TimeZone or DateStyle is
+    reported to the client, and a pooling proxy may pin the connection for it."""
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        conn.execute("SET TimeZone = 'UTC'")
+        conn.execute("SET DateStyle = 'ISO, DMY'")
+        with conn.transaction():
+            conn.execute(push_source._SETTINGS)
+            changed = conn.execute(
+                "SELECT current_setting('TimeZone'), current_setting('DateStyle'), current_setting('extra_float_digits')"
+            ).fetchone()
+        assert changed == ("UTC", "ISO, DMY", "1")
+        conn.execute("SET TimeZone = 'Asia/Kolkata'")
+        with conn.transaction():
+            conn.execute(push_source._SETTINGS)
+            assert conn.execute("SELECT current_setting('TimeZone')").fetchone() == ("UTC",)
+        assert conn.execute("SELECT current_setting('TimeZone')").fetchone() == (
+            "Asia/Kolkata",
+        )  # for the transaction only
+        items = json.loads(push_source.read_measurements(conn, XID_START, 100).body())["items"]
+        conn.execute("SET TimeZone = 'UTC'")  # the oracle's own text follows the session's zone
+        assert items == _oracle(conn, "xid", 100, XID_START)

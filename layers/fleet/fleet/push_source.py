@@ -111,10 +111,17 @@ _XID_WHERE = (
     " AND push_xid < pg_snapshot_xmin(pg_current_snapshot())"
 )
 _XID_ORDER = "push_xid, time, device_id"
-# The fast path's formats, for this transaction only.
+# The fast path's formats, for this transaction only, and only where the session's
+# own differ: a changed TimeZone or DateStyle is reported to the client, and a proxy
+# may pin the connection for it. (ISO output is the same whatever the MDY/DMY part;
+# any extra_float_digits above 0 gives the shortest exact digits.)
 _SETTINGS = (
-    "SELECT set_config('TimeZone', 'UTC', true), set_config('DateStyle', 'ISO, YMD', true),"
-    " set_config('extra_float_digits', '1', true)"
+    "SELECT CASE WHEN current_setting('TimeZone') NOT IN ('UTC', 'Etc/UTC')"
+    " THEN set_config('TimeZone', 'UTC', true) END,"
+    " CASE WHEN left(current_setting('DateStyle'), 4) <> 'ISO,'"
+    " THEN set_config('DateStyle', 'ISO, YMD', true) END,"
+    " CASE WHEN current_setting('extra_float_digits')::int < 1"
+    " THEN set_config('extra_float_digits', '1', true) END"
 )
 
 _FAST_PAGE = "SELECT {columns} FROM monitoring.power_measurements WHERE {where} ORDER BY {order} LIMIT %(limit)s"
