@@ -112,6 +112,7 @@ def make_service(
     max_batches: int = 3,
     checkpoints: Checkpoints | None = None,
     read_ahead: bool = True,
+    time_budget_s: float | None = None,
 ) -> PushService:
     return PushService(
         lambda: psycopg.connect(client_url, autocommit=True),
@@ -123,6 +124,7 @@ def make_service(
         rng=lambda: 1.0,
         checkpoints=checkpoints,
         read_ahead=read_ahead,
+        time_budget_s=time_budget_s,
     )
 
 
@@ -556,3 +558,30 @@ def test_a_stale_version_cannot_overwrite_even_with_the_lease(aws) -> None:
     store.save(first, "A")
     with pytest.raises(LeaseLost):
         store.save(second, "A")
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_a_tick_reads_no_new_batch_once_its_time_budget_is_used(scripted, read_ahead: bool) -> None:
+    """A backlog drains batch after batch (no small cap per tick), until the tick's
+    time is used: the batch in hand is sent, no new one is read, the next tick goes on."""
+    clocks: list[Clock] = []
+
+    class TenSecondsAnAnswer(Checkpoints):
+        def reached(self, name: str, resource: str) -> None:
+            if name == "after_send" and resource == "measurements":
+                clocks[0].advance(10)
+
+    service, script, clock = scripted(
+        [], batch_size=20, max_batches=1000, read_ahead=read_ahead, checkpoints=TenSecondsAnAnswer(), time_budget_s=25
+    )
+    clocks.append(clock)
+    report = service.tick()
+    sent = script.measurement_requests()
+    # Batches start at 0, 10 and 20 s; the one read at 20 s goes out at 30 s; none is read after.
+    assert [len(r["items"]) for r in sent] == [20, 20, 20, 20]
+    assert "time budget" in (report.resources["measurements"].detail or "")
+    assert _state(service).cursor == sent[-1]["headers"]["x-push-cursor"]
+    clock.advance(60)
+    service.tick()
+    rows = [(i["time"], i["device_id"]) for r in script.measurement_requests() for i in r["items"]]
+    assert len(rows) == 160 and len(set(rows)) == 160  # on from where it stopped, nothing twice

@@ -24,6 +24,10 @@ def service() -> PushService:
 @metrics.log_metrics
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     parse(event=event, model=EventBridgeModel)
-    report = service().tick(owner=context.aws_request_id)
+    cfg = config.cached(config.PushConfig)
+    # No new batch once what is left of the invocation could not see one through
+    # (the read timeout of its POST, and a margin for the state write).
+    left = context.get_remaining_time_in_millis() / 1000 - cfg.read_timeout_s - 10
+    report = service().tick(owner=context.aws_request_id, time_budget_s=max(1.0, min(cfg.time_budget_s, left)))
     logger.info("push tick done", extra={"report": report.as_dict()})
     return report.as_dict()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import random
 import time
 import uuid
@@ -94,6 +95,7 @@ class PushService:
         rng: Callable[[], float] = random.random,
         checkpoints: Checkpoints | None = None,
         read_ahead: bool = True,
+        time_budget_s: float | None = None,
     ) -> None:
         self._connect = connect
         self.state = state
@@ -106,9 +108,18 @@ class PushService:
         self.rng = rng
         self.checkpoints = checkpoints or Checkpoints()
         self.read_ahead = read_ahead  # off: read each page after the previous one is acknowledged
+        # A backlog drains as fast as the server takes it, but a tick reads no new
+        # batch after this many seconds (None: only max_batches ends it).
+        self.time_budget_s = time_budget_s
+        self._deadline = math.inf
 
-    def tick(self, owner: str | None = None) -> TickReport:
+    def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
+        """One pass over sites, devices and measurements. ``time_budget_s`` overrides
+        the service's own budget for this tick (the handler passes what the Lambda
+        invocation has left)."""
         owner = owner or str(uuid.uuid4())
+        budget = time_budget_s if time_budget_s is not None else self.time_budget_s
+        self._deadline = math.inf if budget is None else self.clock() + budget
         report = TickReport()
         with self._connect() as conn:
             for resource in RESOURCES:
@@ -212,6 +223,9 @@ class PushService:
                     if not page.count:
                         break
                     more = page.count == limit and sent + 1 < self.max_batches
+                    if more and self.clock() >= self._deadline:
+                        more = False
+                        rep.detail = "time budget of the tick used; the backlog goes on next tick"
                     if more and self.read_ahead:
                         ahead = read(page.cursor)
                     reply = self._send(state, owner, rep, "measurements", page.body(), page.count, cursor, page.cursor)

@@ -33,6 +33,7 @@ def build_push_service(cfg: PushConfig) -> PushService:
         client,
         batch_size=cfg.batch_size,
         max_batches=cfg.max_batches,
+        time_budget_s=cfg.time_budget_s,
         lease_seconds=cfg.lease_seconds,
         full_resend_seconds=cfg.full_resend_seconds,
     )
