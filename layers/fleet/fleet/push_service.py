@@ -40,11 +40,11 @@ GROW_AFTER_SUCCESSES = 3
 _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 
 
-def _drop(ahead: tuple[Future[Any], int] | None) -> None:
+def _drop(ahead: Future[Any] | None) -> None:
     """Let a read-ahead finish (the connection is free again after it) and drop it."""
     if ahead is not None:
         with contextlib.suppress(Exception):
-            ahead[0].result()
+            ahead.result()
 
 
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
@@ -111,7 +111,6 @@ class PushService:
         # A backlog drains as fast as the server takes it, but a tick reads no new
         # batch after this many seconds (None: only max_batches ends it).
         self.time_budget_s = time_budget_s
-        self._deadline = math.inf
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
         """One pass over sites, devices and measurements. ``time_budget_s`` overrides
@@ -119,15 +118,15 @@ class PushService:
         invocation has left)."""
         owner = owner or str(uuid.uuid4())
         budget = time_budget_s if time_budget_s is not None else self.time_budget_s
-        self._deadline = math.inf if budget is None else self.clock() + budget
+        deadline = math.inf if budget is None else self.clock() + budget
         report = TickReport()
         with self._connect() as conn:
             for resource in RESOURCES:
-                report.resources[resource] = self._run_resource(conn, resource, owner)
+                report.resources[resource] = self._run_resource(conn, resource, owner, deadline)
         return report
 
     # -- one resource ---------------------------------------------------------------
-    def _run_resource(self, conn: psycopg.Connection, resource: str, owner: str) -> ResourceReport:
+    def _run_resource(self, conn: psycopg.Connection, resource: str, owner: str, deadline: float) -> ResourceReport:
         rep = ResourceReport(resource)
         now = self.clock()
         state = self.state.acquire(resource, owner, now, self.lease_seconds)
@@ -144,7 +143,7 @@ class PushService:
             if not state.initialized and not self._recover(state, owner, rep):
                 return rep
             if resource == "measurements":
-                self._push_measurements(conn, state, owner, rep)
+                self._push_measurements(conn, state, owner, rep, deadline)
             else:
                 self._push_full_set(conn, state, owner, rep)
         except LeaseLost as exc:
@@ -193,7 +192,7 @@ class PushService:
 
     # -- measurements ---------------------------------------------------------------
     def _push_measurements(
-        self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport
+        self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport, deadline: float
     ) -> None:
         try:
             cursor = Cursor.decode(state.cursor)
@@ -209,21 +208,19 @@ class PushService:
         # two threads from overlapping much; bench/README.md has both figures.)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader:
 
-            def read(after: Cursor) -> tuple[Future[MeasurementPage], int]:
-                size = self._size(state)
-                return reader.submit(push_source.read_measurements, conn, after, size), size
+            def read(after: Cursor) -> Future[MeasurementPage]:
+                return reader.submit(push_source.read_measurements, conn, after, self._size(state))
 
-            ahead: tuple[Future[MeasurementPage], int] | None = read(cursor)
+            ahead: Future[MeasurementPage] | None = read(cursor)
             try:
                 sent = 0
                 while ahead is not None and sent < self.max_batches:
-                    page, limit = ahead[0].result(), ahead[1]
-                    ahead = None
+                    page, ahead = ahead.result(), None
                     self.checkpoints.reached("after_read", "measurements")
                     if not page.count:
                         break
-                    more = page.count == limit and sent + 1 < self.max_batches
-                    if more and self.clock() >= self._deadline:
+                    more = page.full and sent + 1 < self.max_batches
+                    if more and self.clock() >= deadline:
                         more = False
                         rep.detail = "time budget of the tick used; the backlog goes on next tick"
                     if more and self.read_ahead:
@@ -378,32 +375,31 @@ class PushService:
     def _failed(
         self, state: ResourceState, owner: str, rep: ResourceReport, error: str, wait: float | None = None
     ) -> None:
-        state.failures += 1
-        state.successes_in_a_row = 0
-        delay = backoff_delay(state.failures, self.rng) if wait is None else min(wait, 3600.0)
-        state.next_attempt_at = self.clock() + delay
-        state.last_error = error[:500]
-        self.state.save(state, owner)
-        rep.outcome = "failed"
-        rep.detail = error
-        metrics.add_metric(name="PushFailures", unit="Count", value=1)
+        delay = backoff_delay(state.failures + 1, self.rng) if wait is None else min(wait, 3600.0)
+        self._record_failure(state, owner, rep, "failed", error, delay)
         metrics.add_metric(name="PushConsecutiveFailures", unit="Count", value=state.failures)
         logger.warning(
             "push failed; backing off",
             extra={"resource": state.resource, "error": error, "failures": state.failures, "delay_s": round(delay, 1)},
         )
 
-    def _refused(self, state: ResourceState, owner: str, rep: ResourceReport, error: str) -> None:
-        # 400/401/403: a person has to act; the cursor stays, the alarm fires.
+    def _record_failure(
+        self, state: ResourceState, owner: str, rep: ResourceReport, outcome: str, error: str, delay: float
+    ) -> None:
+        """What every failure and refusal records: the count, the wait, the error."""
         state.failures += 1
         state.successes_in_a_row = 0
-        state.next_attempt_at = self.clock() + BACKOFF_CAP_S
+        state.next_attempt_at = self.clock() + delay
         state.last_error = error[:500]
         self.state.save(state, owner)
-        rep.outcome = "refused"
+        rep.outcome = outcome
         rep.detail = error
-        metrics.add_metric(name="PushRefused", unit="Count", value=1)
         metrics.add_metric(name="PushFailures", unit="Count", value=1)
+
+    def _refused(self, state: ResourceState, owner: str, rep: ResourceReport, error: str) -> None:
+        # 400/401/403: a person has to act; the cursor stays, the alarm fires.
+        self._record_failure(state, owner, rep, "refused", error, BACKOFF_CAP_S)
+        metrics.add_metric(name="PushRefused", unit="Count", value=1)
         logger.error(
             "push refused by the server; backing off at the cap", extra={"resource": state.resource, "error": error}
         )

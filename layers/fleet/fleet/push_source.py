@@ -191,6 +191,12 @@ class MeasurementPage:
     parts: list[FastRows | str]
     count: int
     cursor: Cursor  # the key of the last row read (unchanged when none)
+    limit: int  # the most rows it could hold
+
+    @property
+    def full(self) -> bool:
+        """Whether more rows may follow it."""
+        return self.count == self.limit
 
     def body(self) -> bytes:
         """The request body: ``{"items": [...]}``."""
@@ -216,7 +222,7 @@ def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> M
                 count = got
                 cursor = last
             if count == limit:
-                return MeasurementPage(parts, count, cursor)
+                return MeasurementPage(parts, count, cursor, limit)
             cursor = XID_START  # legacy rows done: continue with the transaction-id order
         params = {
             "xid": str(cursor.xid),
@@ -229,7 +235,7 @@ def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> M
             parts.append(part)
             count += got
             cursor = last
-    return MeasurementPage(parts, count, cursor)
+    return MeasurementPage(parts, count, cursor, limit)
 
 
 Phase = Literal["legacy", "xid"]
