@@ -44,11 +44,12 @@ from psycopg.types.string import TextLoader
 from fleet.models import MEASUREMENT_FIELDS
 
 _MIN_TIME = "-infinity"
+Phase = Literal["legacy", "xid"]
 
 
 @dataclass(frozen=True)
 class Cursor:
-    phase: Literal["legacy", "xid"]
+    phase: Phase
     xid: int = 0
     time: str = _MIN_TIME  # PostgreSQL's text of a timestamptz (read back as one), or -infinity
     device: str = ""
@@ -238,9 +239,6 @@ def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> M
     return MeasurementPage(parts, count, cursor, limit)
 
 
-Phase = Literal["legacy", "xid"]
-
-
 def _read_part(conn: psycopg.Connection, phase: Phase, params: dict[str, Any]) -> tuple[FastRows | str, int, Cursor]:
     """(the rows, their count, the key of the last one) of one phase of a page."""
     fast_query, json_query = _QUERIES[phase]
@@ -292,33 +290,26 @@ def oldest_unpushed(conn: psycopg.Connection, cursor: Cursor) -> datetime | None
     return row[0] if row else None
 
 
+_SITE_COLUMNS = ("id", "name", "timezone", "latitude", "longitude", "updated_at")
+_DEVICE_COLUMNS = ("id", "site_id", "name", "model", "firmware_version", "updated_at")
+
+
 def read_sites(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    with conn.transaction():
-        rows = conn.execute(
-            "SELECT id, name, timezone, latitude, longitude, updated_at FROM monitoring.sites ORDER BY id"
-        ).fetchall()
-    return [
-        {"id": r[0], "name": r[1], "timezone": r[2], "latitude": r[3], "longitude": r[4], "updated_at": _iso(r[5])}
-        for r in rows
-    ]
+    return _read_full_set(conn, "monitoring.sites", _SITE_COLUMNS)
 
 
 def read_devices(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return _read_full_set(conn, "monitoring.devices", _DEVICE_COLUMNS)
+
+
+def _read_full_set(conn: psycopg.Connection, table: str, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Every row of a portal table, by id, as items (``updated_at`` in ISO form)."""
     with conn.transaction():
-        rows = conn.execute(
-            "SELECT id, site_id, name, model, firmware_version, updated_at FROM monitoring.devices ORDER BY id"
-        ).fetchall()
-    return [
-        {
-            "id": r[0],
-            "site_id": r[1],
-            "name": r[2],
-            "model": r[3],
-            "firmware_version": r[4],
-            "updated_at": _iso(r[5]),
-        }
-        for r in rows
-    ]
+        rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id").fetchall()
+    items = [dict(zip(columns, r, strict=True)) for r in rows]
+    for item in items:
+        item["updated_at"] = _iso(item["updated_at"])
+    return items
 
 
 def _iso(value: datetime | None) -> str | None:
