@@ -23,32 +23,25 @@ from fleet.push_source import Cursor
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
 from bench.ingest_throughput import _Ctx, _event
 
+_CLIENT_FILL = (
+    "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
+    " SELECT '2025-01-01T00:00:00Z'::timestamptz + make_interval(secs => g * 3), 'meter-' || (g %% 500),"
+    "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g"
+)
+# A year of history over 500 devices, spread over the weekly partitions.
+_ADMIN_FILL = (
+    "INSERT INTO fleet.power_measurements (time, customer_id, device_id, power_w, energy_wh)"
+    " SELECT now() - interval '365 days' + make_interval(secs => g * 3), 'GROW', 'meter-' || (g %% 500),"
+    "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g"
+)
 
-def _grow_client(conn: psycopg.Connection, have: int, want: int) -> None:
+
+def _fill(conn: psycopg.Connection, insert: str, table: str, rows: int) -> None:
+    """``rows`` rows by ``insert`` (its parameters: the first and last row number), a million at a time."""
     step = 1_000_000
-    for start in range(have, want, step):
-        end = min(start + step, want)
-        conn.execute(
-            "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
-            " SELECT '2025-01-01T00:00:00Z'::timestamptz + make_interval(secs => g * 3), 'meter-' || (g %% 500),"
-            "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g",
-            (start, end - 1),
-        )
-    conn.execute("VACUUM ANALYZE monitoring.power_measurements")
-
-
-def _grow_admin(conn: psycopg.Connection, have: int, want: int) -> None:
-    step = 1_000_000
-    for start in range(have, want, step):
-        end = min(start + step, want)
-        # A year of history over 500 devices, spread over the weekly partitions.
-        conn.execute(
-            "INSERT INTO fleet.power_measurements (time, customer_id, device_id, power_w, energy_wh)"
-            " SELECT now() - interval '365 days' + make_interval(secs => g * 3), 'GROW', 'meter-' || (g %% 500),"
-            "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g",
-            (start, end - 1),
-        )
-    conn.execute("VACUUM ANALYZE fleet.power_measurements")
+    for start in range(0, rows, step):
+        conn.execute(insert, (start, min(start + step, rows) - 1))
+    conn.execute(f"VACUUM ANALYZE {table}")
 
 
 @dataclass
@@ -112,9 +105,9 @@ def main(smoke: bool = False) -> dict[str, float]:
             with psycopg.connect(admin_url, autocommit=True) as conn:
                 token = customers.create(conn, "GROW", "growth").token
                 conn.execute("SELECT fleet.ensure_measurement_partitions(now() - interval '400 days', now())")
-                _grow_admin(conn, 0, size)
+                _fill(conn, _ADMIN_FILL, "fleet.power_measurements", size)
             client = stack.enter_context(psycopg.connect(client_url, autocommit=True, prepare_threshold=None))
-            _grow_client(client, 0, size)
+            _fill(client, _CLIENT_FILL, "monitoring.power_measurements", size)
             os.environ.update({"DATABASE_URL": admin_url, "MAX_ITEMS": "5000"})
             side = _Side(size, client, load_handler("functions/ingest/ingest.py"), token, _last_page_cursor(client))
             _ingest_ms(side, -1)  # warm: the handler connects and caches its service now
