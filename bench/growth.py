@@ -1,10 +1,15 @@
 """Growth: the push cursor query's time and the ingest's time per batch with 1 M and
-10 M rows already in the table (target: flat, within 1.5x), EXPLAIN plans saved.
+10 M rows already in the table (target: flat, within 1.5x), EXPLAIN plans saved:
+the cursor query's, and the ingest insert's as PostgreSQL ran it inside
+fleet.insert_measurements (auto_explain, nested statements).
 
-Each size has databases of its own, filled before any clock starts, and the sizes
-are measured alternately, repeat by repeat, so that whatever else the machine does
-falls on both alike (measuring one size after the other let the second pay for the
-first's fill being written out)."""
+The ingest is measured in both Admin profiles where TimescaleDB is installed; in the
+timescale profile the filled history is compressed as the columnstore policy would
+have left it (chunks older than its default compress_after). Each size and profile
+has databases of its own, filled before any clock starts, and all are measured
+alternately, repeat by repeat, so that whatever else the machine does falls on each
+alike (measuring one size after the other let the second pay for the first's fill
+being written out)."""
 
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from typing import Any
 
 import psycopg
 from fleet import customers, push_source
+from fleet.ingest_store import IngestStore
+from fleet.profiles import ProfileSettings
 from fleet.push_source import Cursor
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
@@ -28,10 +35,12 @@ _CLIENT_FILL = (
     " SELECT '2025-01-01T00:00:00Z'::timestamptz + make_interval(secs => g * 3), 'meter-' || (g %% 500),"
     "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g"
 )
-# A year of history over 500 devices, spread over the weekly partitions.
+# History up to now, one reading every 3 s round 500 devices (1 M rows: 35 days;
+# 10 M: a year), so the partition or chunk the ingest writes into is as full at
+# either size and only the history behind it grows.
 _ADMIN_FILL = (
     "INSERT INTO fleet.power_measurements (time, customer_id, device_id, power_w, energy_wh)"
-    " SELECT now() - interval '365 days' + make_interval(secs => g * 3), 'GROW', 'meter-' || (g %% 500),"
+    " SELECT now() - make_interval(secs => g * 3), 'GROW', 'meter-' || (g %% 500),"
     "        g %% 5000, g FROM generate_series(%s::bigint, %s::bigint) g"
 )
 
@@ -44,15 +53,28 @@ def _fill(conn: psycopg.Connection, insert: str, table: str, rows: int) -> None:
     conn.execute(f"VACUUM ANALYZE {table}")
 
 
+def _compress_history(conn: psycopg.Connection) -> None:
+    """What the columnstore policy would have done to the filled history."""
+    conn.execute(
+        "SELECT count(compress_chunk(c, if_not_compressed => true))"
+        " FROM show_chunks('fleet.power_measurements', older_than => %s::interval) c",
+        (ProfileSettings().compress_after,),
+    )
+    conn.execute("VACUUM ANALYZE fleet.power_measurements")
+
+
 @dataclass
 class _Side:
-    """One table size: its own Client and Admin databases and ingest handler."""
+    """One table size in one profile: its own Admin database and ingest handler, and
+    (postgres profile only: the Client side has no profiles) its own Client database."""
 
+    profile: str
     size: int
-    client: psycopg.Connection
+    admin_url: str
     ingest: Any
     token: str
-    cursor: Cursor
+    client: psycopg.Connection | None
+    cursor: Cursor | None
     cursor_ms: list[float] = field(default_factory=list)
     ingest_ms: list[float] = field(default_factory=list)
 
@@ -68,6 +90,7 @@ def _last_page_cursor(conn: psycopg.Connection) -> Cursor:
 
 
 def _cursor_query_ms(side: _Side) -> float:
+    assert side.client is not None and side.cursor is not None
     start = time.perf_counter()
     page = push_source.read_measurements(side.client, side.cursor, 5000)
     elapsed = (time.perf_counter() - start) * 1000
@@ -75,7 +98,8 @@ def _cursor_query_ms(side: _Side) -> float:
     return elapsed
 
 
-def _plan(side: _Side) -> str:
+def _cursor_plan(side: _Side) -> str:
+    assert side.client is not None and side.cursor is not None
     plan = side.client.execute(
         "EXPLAIN (ANALYZE, BUFFERS) " + push_source._QUERIES["xid"][0],
         {"xid": str(side.cursor.xid), "time": side.cursor.time, "device": side.cursor.device, "limit": 5000},
@@ -83,9 +107,14 @@ def _plan(side: _Side) -> str:
     return "\n".join(r[0] for r in plan)
 
 
+def _batch(i: int) -> list[dict[str, Any]]:
+    """The i-th batch: 5,000 readings of 500 meters (other ids than the history's),
+    two days old, as a push delivers them; each i an hour earlier."""
+    return measurement_rows(5000, devices=500, start=datetime.now(UTC) - timedelta(days=2, hours=i), seed=i)
+
+
 def _ingest_ms(side: _Side, i: int) -> float:
-    start_at = datetime.now(UTC) - timedelta(days=10, hours=i)
-    event = _event(gzip_body(measurement_rows(5000, devices=500, start=start_at, seed=i)), side.token)
+    event = _event(gzip_body(_batch(i)), side.token)
     t = time.perf_counter()
     result = side.ingest.handler(event, _Ctx())
     elapsed = (time.perf_counter() - t) * 1000
@@ -93,36 +122,75 @@ def _ingest_ms(side: _Side, i: int) -> float:
     return elapsed
 
 
+def _ingest_plan(side: _Side) -> str:
+    """The plan of the ingest's insert for one more batch, as it ran inside
+    fleet.insert_measurements (rolled back: the table keeps its size)."""
+    items = [{**row, "time": datetime.fromisoformat(row["time"])} for row in _batch(-2)]
+    notes: list[str] = []
+    with psycopg.connect(side.admin_url, autocommit=True) as conn:
+        conn.add_notice_handler(lambda diag: notes.append(diag.message_primary or ""))
+        conn.execute("LOAD 'auto_explain'")
+        for name, value in (
+            ("log_min_duration", "0"),
+            ("log_analyze", "on"),
+            ("log_buffers", "on"),
+            ("log_nested_statements", "on"),
+            ("log_level", "notice"),
+        ):
+            conn.execute("SELECT set_config(%s, %s, false)", (f"auto_explain.{name}", value))
+        with conn.transaction(force_rollback=True):
+            IngestStore()._measurements(conn, "GROW", items)  # type: ignore[arg-type]
+    plans = [note for note in notes if "INSERT INTO fleet.power_measurements" in note]
+    assert plans, notes
+    return "\n\n".join(plans)
+
+
+def _side(stack: ExitStack, url: str, profile: str, size: int) -> _Side:
+    admin_url = stack.enter_context(database(url, "admin", profile))
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        token = customers.create(conn, "GROW", "growth").token
+        if profile == "postgres":
+            conn.execute("SELECT fleet.ensure_measurement_partitions(now() - interval '400 days', now())")
+        _fill(conn, _ADMIN_FILL, "fleet.power_measurements", size)
+        if profile == "timescale":
+            _compress_history(conn)
+    client, cursor = None, None
+    if profile == "postgres":
+        client_url = stack.enter_context(database(url, "client"))
+        client = stack.enter_context(psycopg.connect(client_url, autocommit=True, prepare_threshold=None))
+        _fill(client, _CLIENT_FILL, "monitoring.power_measurements", size)
+        cursor = _last_page_cursor(client)
+    os.environ.update({"DATABASE_URL": admin_url, "MAX_ITEMS": "5000"})
+    side = _Side(profile, size, admin_url, load_handler("functions/ingest/ingest.py"), token, client, cursor)
+    _ingest_ms(side, -1)  # warm: the handler connects and caches its service now
+    return side
+
+
 def main(smoke: bool = False) -> dict[str, float]:
     sizes = (20_000, 200_000) if smoke else (1_000_000, 10_000_000)
     repeats = 3 if smoke else 9
     results: dict[str, float] = {}
-    with server() as (url, _), ExitStack() as stack:
-        sides = []
-        for size in sizes:
-            client_url = stack.enter_context(database(url, "client"))
-            admin_url = stack.enter_context(database(url, "admin", "postgres"))
-            with psycopg.connect(admin_url, autocommit=True) as conn:
-                token = customers.create(conn, "GROW", "growth").token
-                conn.execute("SELECT fleet.ensure_measurement_partitions(now() - interval '400 days', now())")
-                _fill(conn, _ADMIN_FILL, "fleet.power_measurements", size)
-            client = stack.enter_context(psycopg.connect(client_url, autocommit=True, prepare_threshold=None))
-            _fill(client, _CLIENT_FILL, "monitoring.power_measurements", size)
-            os.environ.update({"DATABASE_URL": admin_url, "MAX_ITEMS": "5000"})
-            side = _Side(size, client, load_handler("functions/ingest/ingest.py"), token, _last_page_cursor(client))
-            _ingest_ms(side, -1)  # warm: the handler connects and caches its service now
-            sides.append(side)
+    with server() as (url, has_timescale), ExitStack() as stack:
+        profiles = ["postgres"]
+        if has_timescale:
+            profiles.append("timescale")
+        else:
+            print("growth.timescale skipped: TimescaleDB is not installed on this server", flush=True)
+        sides = [_side(stack, url, profile, size) for profile in profiles for size in sizes]
         with psycopg.connect(url, autocommit=True) as conn:
             conn.execute("CHECKPOINT")  # the fill's dirty pages written before any clock starts
-        # Side by side, repeat by repeat: background load falls on both sizes alike.
+        # Side by side, repeat by repeat: background load falls on every side alike.
         for i in range(repeats):
             for side in sides:
-                side.cursor_ms.append(_cursor_query_ms(side))
+                if side.client is not None:
+                    side.cursor_ms.append(_cursor_query_ms(side))
                 side.ingest_ms.append(_ingest_ms(side, i))
         for side in sides:
-            save(f"growth_cursor_plan_{side.size}.txt", _plan(side))
-            results[f"cursor_{side.size}"] = statistics.median(side.cursor_ms)
-            results[f"ingest_{side.size}"] = statistics.median(side.ingest_ms)
+            if side.client is not None:
+                save(f"growth_cursor_plan_{side.size}.txt", _cursor_plan(side))
+                results[f"cursor_{side.size}"] = statistics.median(side.cursor_ms)
+            save(f"growth_ingest_plan_{side.profile}_{side.size}.txt", _ingest_plan(side))
+            results[f"{side.profile}.ingest_{side.size}"] = statistics.median(side.ingest_ms)
     small, large = sizes
     summary(f"growth.cursor_query_{small}", results[f"cursor_{small}"], "ms", 1.0, "baseline")
     summary(
@@ -132,12 +200,8 @@ def main(smoke: bool = False) -> dict[str, float]:
         results[f"cursor_{large}"] / results[f"cursor_{small}"],
         "target <= 1.5",
     )
-    summary(f"growth.ingest_batch_{small}", results[f"ingest_{small}"], "ms", 1.0, "baseline")
-    summary(
-        f"growth.ingest_batch_{large}",
-        results[f"ingest_{large}"],
-        "ms",
-        results[f"ingest_{large}"] / results[f"ingest_{small}"],
-        "target <= 1.5",
-    )
+    for profile in profiles:
+        base, grown = results[f"{profile}.ingest_{small}"], results[f"{profile}.ingest_{large}"]
+        summary(f"growth.{profile}.ingest_batch_{small}", base, "ms", 1.0, "baseline")
+        summary(f"growth.{profile}.ingest_batch_{large}", grown, "ms", grown / base, "target <= 1.5")
     return results

@@ -37,7 +37,7 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         "push.path",
         "push.copy_to_stdout",
         "growth.cursor_query_200000",
-        "growth.ingest_batch_200000",
+        "growth.postgres.ingest_batch_200000",
         "coldstart.ingest_import",
         "coldstart.minimal_powertools_import",
         "memory.ingest_peak_rss",
@@ -46,3 +46,4 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         assert float(figures[name][2]) > 0
     if pg_server.has_timescale:
         assert "ingest.timescale.handler" in figures
+        assert "growth.timescale.ingest_batch_200000" in figures
