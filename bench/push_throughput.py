@@ -86,6 +86,7 @@ def run(server_url: str, rows: int, batch: int) -> dict[str, float]:
             copy_s = time.perf_counter() - start
         sink = Sink()
         push_s = _push(url, sink, rows, batch)
+        serial_s = _push(url, Sink(), rows, batch, read_ahead=False)
         # With a round trip to wait for, as in production: read-ahead on and off.
         latency_rows = min(rows, 100 * batch)
         overlap = {on: latency_rows / _push(url, Sink(LATENCY_S), latency_rows, batch, on) for on in (True, False)}
@@ -99,13 +100,27 @@ def run(server_url: str, rows: int, batch: int) -> dict[str, float]:
         f"target >= 0.5 x COPY TO; {sink.bytes / rows:.1f} gzip bytes/row",
     )
     summary(
+        "push.read_ahead_without_round_trip",
+        push_rate,
+        "rows/s",
+        serial_s / push_s,
+        f"vs read-ahead off ({rows / serial_s:.0f} rows/s, {rows / serial_s / copy_rate:.3f} x COPY TO);"
+        " a sink that answers at once",
+    )
+    summary(
         "push.read_ahead_with_round_trip",
         overlap[True],
         "rows/s",
         overlap[True] / overlap[False],
         f"vs read-ahead off ({overlap[False]:.0f} rows/s); sink answers after {LATENCY_S * 1000:.0f} ms",
     )
-    return {"copy": copy_rate, "push": push_rate, "read_ahead": overlap[True], "no_read_ahead": overlap[False]}
+    return {
+        "copy": copy_rate,
+        "push": push_rate,
+        "push_serial": rows / serial_s,
+        "read_ahead": overlap[True],
+        "no_read_ahead": overlap[False],
+    }
 
 
 def _push(url: str, sink: Sink, rows: int, batch: int, read_ahead: bool = True) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.utils
 import gzip
 import json
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,10 +23,10 @@ import ingest
 import psycopg
 import push
 import pytest
-from fleet import config, customers
+from fleet import config, customers, push_service
 from fleet.local_api import Route, serving
 from fleet.observability import metrics
-from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
+from fleet.push_service import BACKOFF_CAP_S, READ_AHEAD_SWITCH_INTERVAL_S, Checkpoints, PushService
 from fleet.push_state import LeaseLost, PushStateStore
 from fleet.push_transport import IngestClient, parse_retry_after
 from moto import mock_aws
@@ -585,3 +586,36 @@ def test_a_tick_reads_no_new_batch_once_its_time_budget_is_used(scripted, read_a
     service.tick()
     rows = [(i["time"], i["device_id"]) for r in script.measurement_requests() for i in r["items"]]
     assert len(rows) == 160 and len(set(rows)) == 160  # on from where it stopped, nothing twice
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_read_ahead_shortens_the_thread_switch_interval_only_while_it_reads(scripted, read_ahead: bool) -> None:
+    """The reader gets the GIL back promptly while a push reads ahead (see
+    _prompt_thread_switches); the process's own interval is back afterwards."""
+    before = sys.getswitchinterval()
+    seen: list[float] = []
+
+    class Watch(Checkpoints):
+        def reached(self, name: str, resource: str) -> None:
+            if name == "after_read" and resource == "measurements":
+                seen.append(sys.getswitchinterval())
+
+    service, script, _ = scripted([], batch_size=50, max_batches=4, read_ahead=read_ahead, checkpoints=Watch())
+    service.tick()
+    assert len(script.measurement_requests()) == 4
+    # (the interpreter keeps whole microseconds)
+    assert seen == [pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S if read_ahead else before)] * len(seen) != []
+    assert sys.getswitchinterval() == before
+
+
+def test_overlapping_read_aheads_restore_the_switch_interval_once_the_last_ends() -> None:
+    before = sys.getswitchinterval()
+    first, second = push_service._prompt_thread_switches(), push_service._prompt_thread_switches()
+    first.__enter__()
+    second.__enter__()
+    assert sys.getswitchinterval() == pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S)
+    first.__exit__(None, None, None)
+    assert sys.getswitchinterval() == pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S)  # the other still reads
+    failure = RuntimeError("a failed push")
+    assert second.__exit__(RuntimeError, failure, None) is False  # the failure goes on up
+    assert sys.getswitchinterval() == before
