@@ -271,6 +271,7 @@ class IngestService:
         indexes: list[int] | None = None,
     ) -> _Parsed:
         if batch_type is BatchType.MEASUREMENTS:
+            _in_utc(valid)
             valid, late = self._drop_future(valid, indexes or list(range(len(valid))), items)
             if late:
                 rejects = sorted([*rejects, *late], key=lambda r: r.index if r.index is not None else -1)
@@ -279,10 +280,6 @@ class IngestService:
     def _drop_future(
         self, models: list[Measurement], indexes: list[int], items: list[Any]
     ) -> tuple[list[Measurement], list[Reject]]:
-        # Times in datetime.UTC: pydantic's own tzinfo makes every comparison and
-        # subtraction after this (here and in the array encoder) several times slower.
-        for m in models:
-            m["time"] = m["time"].astimezone(UTC)
         limit = datetime.now(UTC) + timedelta(seconds=self.cfg.max_future_seconds)
         if max((m["time"] for m in models), default=limit) <= limit:
             return models, []
@@ -387,6 +384,14 @@ def _envelope(body: bytes, audit: AuditRecord) -> list[Any]:
 def _quarantine_body(audit: AuditRecord, text: str, reason: str) -> None:
     excerpt = text[:_QUARANTINE_BODY_EXCERPT].encode("utf-8", "backslashreplace").decode("utf-8")
     audit.rejects = [Reject(None, f"body refused: {reason}", excerpt.replace("\x00", "\\u0000"))]
+
+
+def _in_utc(models: list[Measurement]) -> None:
+    """Times moved to ``datetime.UTC``, in place: with pydantic's own tzinfo every
+    comparison and subtraction after this (the future-time check, the array
+    encoder) is several times slower."""
+    for m in models:
+        m["time"] = m["time"].astimezone(UTC)
 
 
 def _unique(batch_type: BatchType, models: Sequence[Any]) -> list[Any]:
