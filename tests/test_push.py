@@ -30,7 +30,7 @@ from fleet.push_service import BACKOFF_CAP_S, READ_AHEAD_SWITCH_INTERVAL_S, Chec
 from fleet.push_state import LeaseLost, PushStateStore
 from fleet.push_transport import IngestClient, parse_retry_after
 from moto import mock_aws
-from support import Clock, FakeLambdaContext, load_event
+from support import Clock, FakeLambdaContext, load_event, make_push_service
 
 INGEST_PATH = "/api/fleet/ingest"
 
@@ -102,33 +102,6 @@ def insert(url: str, count: int, start: datetime | None = None, device: str = "m
         )
 
 
-def make_service(
-    client_url: str,
-    table: Any,
-    server_url: str,
-    token: str,
-    clock: Clock,
-    *,
-    batch_size: int = 50,
-    max_batches: int = 3,
-    checkpoints: Checkpoints | None = None,
-    read_ahead: bool = True,
-    time_budget_s: float | None = None,
-) -> PushService:
-    return PushService(
-        lambda: psycopg.connect(client_url, autocommit=True),
-        PushStateStore(table),
-        IngestClient(server_url, token, 2.0, 5.0),
-        batch_size=batch_size,
-        max_batches=max_batches,
-        clock=clock,
-        rng=lambda: 1.0,
-        checkpoints=checkpoints,
-        read_ahead=read_ahead,
-        time_budget_s=time_budget_s,
-    )
-
-
 def drain(service: PushService, clock: Clock, ticks: int = 200) -> int:
     for n in range(ticks):
         report = service.tick()
@@ -147,7 +120,7 @@ def test_push_copies_sites_devices_and_measurements(aws, admin: Admin, client_db
         conn.execute("INSERT INTO monitoring.devices (id, site_id, name) VALUES ('meter-1', 's1', 'Main')")
     insert(client_db, 420)
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock)
     report = service.tick()
     assert report.resources["sites"].outcome == "pushed"
     assert report.resources["measurements"].rows == 150  # 3 batches of 50
@@ -193,7 +166,7 @@ def test_many_batches_in_one_transaction_all_arrive(aws, admin: Admin, client_db
     with psycopg.connect(client_db) as conn:
         assert conn.execute("SELECT count(DISTINCT received_at) FROM monitoring.power_measurements").fetchone() == (1,)
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=64)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=64)
     drain(service, clock)
     assert admin.rows() == client_rows(client_db)
     assert admin.one("SELECT sum(duplicates) FROM fleet.ingest_events") == 0
@@ -201,7 +174,7 @@ def test_many_batches_in_one_transaction_all_arrive(aws, admin: Admin, client_db
 
 def test_a_transaction_open_across_a_push_is_not_skipped(aws, admin: Admin, client_db: str) -> None:
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=25)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=25)
     # T1 began before the push and has written: its rows carry an old received_at.
     t1 = psycopg.connect(client_db)
     t1.execute(
@@ -228,7 +201,7 @@ def test_a_transaction_open_across_a_push_is_not_skipped(aws, admin: Admin, clie
 
 def test_rows_inserted_while_the_push_reads_all_arrive(aws, admin: Admin, client_db: str) -> None:
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=40, max_batches=2)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=40, max_batches=2)
     stop = threading.Event()
 
     def writer() -> None:
@@ -269,7 +242,7 @@ def test_failure_after_the_server_committed_resends_as_duplicates(aws, admin: Ad
 
     insert(client_db, 30)
     clock = Clock()
-    service = make_service(
+    service = make_push_service(
         client_db, aws, admin.server_url, admin.token, clock, batch_size=30, checkpoints=CrashAfter2xx()
     )
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -288,7 +261,7 @@ def test_failure_after_the_server_committed_resends_as_duplicates(aws, admin: Ad
 def test_state_item_deleted_mid_stream_resumes_from_the_ledger(aws, admin: Admin, client_db: str) -> None:
     insert(client_db, 300)
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50, max_batches=2)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50, max_batches=2)
     service.tick()
     assert len(admin.rows()) == 100
     aws.delete_item(Key={"resource": "measurements"})
@@ -307,7 +280,7 @@ def test_legacy_rows_from_before_the_migration_are_pushed_first(aws, admin: Admi
         )
     insert(client_db, 80)
     clock = Clock()
-    service = make_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50)
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50)
     drain(service, clock)
     assert admin.rows() == client_rows(client_db)
 
@@ -368,7 +341,7 @@ def scripted(aws, client_db: str) -> Iterator[Callable[..., tuple[PushService, S
         servers.append(ctx)
         clock = Clock()
         token = "flt_" + "a" * 30 + "_aaaaaa"
-        return make_service(client_db, aws, api.url + INGEST_PATH, token, clock, **kw), script, clock
+        return make_push_service(client_db, aws, api.url + INGEST_PATH, token, clock, **kw), script, clock
 
     insert(client_db, 200)
     with psycopg.connect(client_db) as conn:

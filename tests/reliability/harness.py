@@ -13,9 +13,7 @@ import ingest
 import psycopg
 from fleet import config, customers
 from fleet.local_api import LocalHttpApi, Route, serving
-from fleet.push_service import Checkpoints, PushService
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push_service import PushService
 from support import Clock
 
 INGEST_PATH = "/api/fleet/ingest"
@@ -91,29 +89,6 @@ def tally(client_url: str, admin_url: str, customer_id: str, device: str = "seri
             customer_id,
             device,
         ),
-    )
-
-
-def push_service(
-    client_url: str,
-    table: Any,
-    ingest_url: str,
-    token: str,
-    clock: Clock,
-    *,
-    batch_size: int = 100,
-    read_timeout: float = 5.0,
-    checkpoints: Checkpoints | None = None,
-) -> PushService:
-    return PushService(
-        lambda: psycopg.connect(client_url, autocommit=True),
-        PushStateStore(table),
-        IngestClient(ingest_url, token, 2.0, read_timeout),
-        batch_size=batch_size,
-        max_batches=3,
-        clock=clock,
-        rng=lambda: 0.5,
-        checkpoints=checkpoints,
     )
 
 

@@ -14,8 +14,9 @@ import psycopg
 import pytest
 from fleet.localdb import LocalCluster
 from fleet.migrations import migrate
-from harness import INGEST_PATH, Clock, admin_api, drain, new_token, push_service, tally, write_numbered
+from harness import INGEST_PATH, Clock, admin_api, drain, new_token, tally, write_numbered
 from moto import mock_aws
+from support import make_push_service
 
 
 @pytest.fixture
@@ -60,7 +61,7 @@ def test_half_of_all_calls_fail_with_503(admin_db_postgres: str, client_db: str,
     token = new_token(admin_db_postgres, "FLAKY")
     clock = Clock()
     with admin_api(admin_db_postgres, monkeypatch) as api:
-        service = push_service(client_db, table, api.url + INGEST_PATH, token, clock, batch_size=100)
+        service = make_push_service(client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=100)
         failures = 0
         for _ in range(200):
             report = service.tick()
@@ -96,7 +97,9 @@ def test_server_that_commits_then_answers_too_late(
     token = new_token(admin_db_postgres, "LATE")
     clock = Clock()
     with admin_api(admin_db_postgres, monkeypatch, wrap=late) as api:
-        service = push_service(client_db, table, api.url + INGEST_PATH, token, clock, batch_size=100, read_timeout=0.4)
+        service = make_push_service(
+            client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=100, read_timeout=0.4
+        )
         timeouts = 0
         for _ in range(100):
             report = service.tick()
@@ -152,7 +155,9 @@ def test_database_restarts_in_the_middle_of_the_stream(client_db: str, table: An
                     cluster.ensure_running()
 
         with admin_api(admin_url, monkeypatch) as api:
-            service = push_service(client_db, table, api.url + INGEST_PATH, token, clock, batch_size=50)
+            service = make_push_service(
+                client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=50
+            )
             thread = threading.Thread(target=restarter)
             thread.start()
             try:
