@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from fleet.push_service import Checkpoints, PushService
+from fleet.push_service import PushService
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
 
@@ -128,26 +128,19 @@ def make_push_service(
     token: str,
     clock: Clock,
     *,
-    batch_size: int = 50,
-    max_batches: int = 3,
     read_timeout: float = 5.0,
     jitter: float = 1.0,
-    checkpoints: Checkpoints | None = None,
-    read_ahead: bool = True,
-    time_budget_s: float | None = None,
+    **options: Any,
 ) -> PushService:
     """A push from a test's Client database, through its DynamoDB table, to an ingest
     URL, on the test's clock; ``jitter`` is where in its range every backoff falls
-    (1.0: the top)."""
+    (1.0: the top). ``options`` go to PushService (batch_size 50 unless given)."""
+    options.setdefault("batch_size", 50)
     return PushService(
         lambda: psycopg.connect(client_url, autocommit=True),
         PushStateStore(table),
         IngestClient(ingest_url, token, 2.0, read_timeout),
-        batch_size=batch_size,
-        max_batches=max_batches,
         clock=clock,
         rng=lambda: jitter,
-        checkpoints=checkpoints,
-        read_ahead=read_ahead,
-        time_budget_s=time_budget_s,
+        **options,
     )
