@@ -46,7 +46,7 @@ _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 # times and needs the GIL back each time. At Python's default switch interval (5 ms)
 # each wake can wait out the main thread's formatting, so the two threads barely
 # overlap; with a short interval the reader takes each piece as it arrives (by the
-# benchmark, 1.2-1.3x the rows per second without any network wait). Process-wide,
+# benchmark, 1.2-1.5x the rows per second without any network wait). Process-wide,
 # so it is shortened while some push reads ahead and restored after the last one.
 READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
 _switching = threading.Lock()
