@@ -129,7 +129,10 @@ def _ingest_plan(side: _Side) -> str:
     notes: list[str] = []
     with psycopg.connect(side.admin_url, autocommit=True) as conn:
         conn.add_notice_handler(lambda diag: notes.append(diag.message_primary or ""))
-        conn.execute("LOAD 'auto_explain'")
+        try:
+            conn.execute("LOAD 'auto_explain'")
+        except psycopg.Error as exc:  # e.g. a DATABASE_URL whose role may not load it
+            return f"no plan: auto_explain could not be loaded ({exc.diag.message_primary})"
         for name, value in (
             ("log_min_duration", "0"),
             ("log_analyze", "on"),
