@@ -7,10 +7,9 @@ import importlib.util
 import json
 import os
 import random
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -111,15 +110,6 @@ def measurement_rows(
 
 def gzip_body(items: list[dict[str, Any]]) -> bytes:
     return gzip.compress(json.dumps({"items": items}, separators=(",", ":")).encode(), compresslevel=5)
-
-
-def best_of(repeats: int, fn: Callable[[], float]) -> float:
-    """The best (lowest) of several timings: the least disturbed by other load."""
-    return min(fn() for _ in range(repeats))
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 def save(name: str, text: str) -> Path:
