@@ -36,6 +36,7 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         "ingest.postgres.redelivery",
         "push.path",
         "push.copy_to_stdout",
+        "push.copy_json_to_stdout",
         "push.read_ahead_without_round_trip",
         "growth.cursor_query_200000",
         "growth.postgres.ingest_batch_200000",
