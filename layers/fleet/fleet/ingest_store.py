@@ -146,7 +146,7 @@ class IngestStore:
         return outcome
 
     def _measurements(self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]) -> WriteOutcome:
-        """One call of fleet.insert_measurements (sql/admin/004_*): columns as arrays."""
+        """One call of fleet.insert_measurements (sql/admin/004_*, 005_*): columns as arrays."""
         if not items:
             return WriteOutcome(0, 0)
         row = conn.execute(
