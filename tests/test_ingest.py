@@ -423,6 +423,32 @@ def test_text_postgresql_cannot_store_is_rejected_not_fatal(api: IngestClient) -
     assert answer.body["rejected"] == 2
 
 
+@pytest.mark.parametrize(
+    ("batch_type", "good", "bad", "field"),
+    [
+        ("measurements", m(NOW, device="good"), m(NOW, device="a\x00b"), "device_id"),
+        ("sites", {"id": "s1", "name": "Plant"}, {"id": "s2", "name": "Pl\x00ant"}, "name"),
+        (
+            "devices",
+            {"id": "d1", "site_id": "s1", "name": "M"},
+            {"id": "d2", "site_id": "s1", "name": "M", "model": "\x00"},
+            "model",
+        ),
+    ],
+)
+def test_a_nul_as_the_only_fault_of_a_batch_rejects_its_item(
+    api: IngestClient, batch_type: str, good: dict[str, Any], bad: dict[str, Any], field: str
+) -> None:
+    # The whole-batch validation leaves NUL to the item-by-item one (a body whose only
+    # fault is an escaped NUL must still take that path).
+    answer = api.post(batch_type, [good, bad])
+    assert answer.status == 200
+    assert (answer.body["accepted"], answer.body["rejected"]) == (1, 1)
+    assert answer.body["errors"][0]["index"] == 1
+    assert answer.body["errors"][0]["reason"].startswith(f"{field}:")
+    assert api.one("SELECT count(*) FROM fleet.quarantine") == 1
+
+
 def test_an_empty_batch_is_answered_and_audited(api: IngestClient) -> None:
     answer = api.post("measurements", [])
     assert answer.status == 200

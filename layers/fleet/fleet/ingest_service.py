@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypedDict
 import psycopg
 from isal import isal_zlib
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
+from pydantic_core import SchemaValidator
 
 from fleet import tokens
 from fleet.config import IngestConfig
@@ -45,7 +46,7 @@ from fleet.ingest_store import (
     ledger,
     payload_text,
 )
-from fleet.models import ITEM_MODELS, BatchType, Measurement, error_message
+from fleet.models import ITEM_MODELS, NUL_PATTERNS, BatchType, Measurement, error_message
 from fleet.observability import logger, metrics
 
 UNAUTHORIZED_MESSAGE = "missing, unknown, expired or revoked token"
@@ -54,15 +55,33 @@ _QUARANTINE_BODY_EXCERPT = 65_536
 _ONE = {bt: TypeAdapter(model) for bt, model in ITEM_MODELS.items()}
 
 
-def _envelope_adapter(batch_type: BatchType, max_items: int) -> TypeAdapter[dict[str, Any]]:
-    """``{"items": [...]}`` with every item valid, in one pass over the JSON bytes."""
+def _envelope_validator(batch_type: BatchType, max_items: int) -> SchemaValidator:
+    """``{"items": [...]}`` with every item valid, in one pass over the JSON bytes.
+
+    Without the items' NUL patterns: a NUL can reach a JSON string only as the escape
+    ``\\u0000``, so a body without one holds none, and a body with one is validated
+    item by item (with the patterns) instead. The patterns cost a fifth of this
+    validation (0.9 ms of a 5,000-item batch), for nothing the bytes had not told."""
     model = ITEM_MODELS[batch_type]
     envelope = TypedDict(  # type: ignore[misc]  # noqa: UP013 - the item type is chosen at run time
         f"{batch_type.value.title()}Envelope",
         {"items": Annotated[list[model], Field(max_length=max_items)]},  # type: ignore[valid-type]
     )
     adapter: TypeAdapter[dict[str, Any]] = TypeAdapter(with_config(ConfigDict(extra="forbid"))(envelope))  # type: ignore[arg-type]
-    return adapter
+    return SchemaValidator(_without_nul_patterns(adapter.core_schema))
+
+
+def _without_nul_patterns(schema: Any) -> Any:
+    """A copy of a pydantic-core schema with the NUL patterns of models.py left out."""
+    if isinstance(schema, dict):
+        return {
+            key: _without_nul_patterns(value)
+            for key, value in schema.items()
+            if not (key == "pattern" and value in NUL_PATTERNS)
+        }
+    if isinstance(schema, list):
+        return [_without_nul_patterns(value) for value in schema]
+    return schema
 
 
 @dataclass
@@ -106,7 +125,7 @@ class IngestService:
         self.cfg = cfg
         self.connections = connections
         self.store = IngestStore(cfg.statement_timeout_ms, timedelta(days=cfg.hourly_refresh_window_days))
-        self._envelopes = {bt: _envelope_adapter(bt, cfg.max_items) for bt in BatchType}
+        self._envelopes = {bt: _envelope_validator(bt, cfg.max_items) for bt in BatchType}
 
     # -- authentication -----------------------------------------------------
     def authenticate(self, headers: Mapping[str, str]) -> tuple[TokenOwner, bytes]:
@@ -220,13 +239,16 @@ class IngestService:
             raise PayloadTooLarge(f"body is over {self.cfg.max_body_bytes} bytes")
         body = self._decode(raw, headers.get("content-encoding"))
         audit.decompressed_bytes = len(body)
-        try:
-            # Fast path: the whole batch is valid; parsed and validated in one pass.
-            items = self._envelopes[batch_type].validate_json(body)["items"]
-        except ValidationError:
-            pass
-        else:
-            return self._finish(batch_type, items, [], items)
+        # Fast path: the whole batch is valid; parsed and validated in one pass. Not for
+        # a body with an escaped NUL (see _envelope_validator). A backslash is looked
+        # for first: one memchr, where a search for the six bytes takes 0.4 ms.
+        if b"\\" not in body or b"\\u0000" not in body:
+            try:
+                items = self._envelopes[batch_type].validate_json(body)["items"]
+            except ValidationError:
+                pass
+            else:
+                return self._finish(batch_type, items, [], items)
         # Slow path: find out exactly what is wrong, item by item.
         raw_items = _envelope(body, audit)
         if len(raw_items) > self.cfg.max_items:

@@ -14,10 +14,17 @@ from typing import Annotated, Any, NotRequired, TypedDict
 
 from pydantic import AwareDatetime, ConfigDict, Field, with_config
 
-# Client ids: 1..64 characters of text, no NUL (PostgreSQL text cannot hold it).
-ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=r"^[^\x00]+$")]
-Name = Annotated[str, Field(min_length=1, max_length=256, strict=True, pattern=r"^[^\x00]+$")]
-OptionalText = Annotated[str | None, Field(max_length=128, strict=True, pattern=r"^[^\x00]*$")]
+# Text PostgreSQL can store: no NUL. In JSON a NUL can only be written as the escape
+# \u0000 (a raw control character is invalid JSON), which the whole-batch validation
+# relies on (ingest_service._envelope_validator).
+NO_NUL = r"^[^\x00]+$"
+NO_NUL_OR_EMPTY = r"^[^\x00]*$"
+NUL_PATTERNS = (NO_NUL, NO_NUL_OR_EMPTY)
+
+# Client ids: 1..64 characters of text.
+ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=NO_NUL)]
+Name = Annotated[str, Field(min_length=1, max_length=256, strict=True, pattern=NO_NUL)]
+OptionalText = Annotated[str | None, Field(max_length=128, strict=True, pattern=NO_NUL_OR_EMPTY)]
 Metric = Annotated[float | None, Field(strict=True)]
 Time = Annotated[AwareDatetime, Field(strict=True)]
 OptionalTime = Annotated[AwareDatetime | None, Field(strict=True)]
