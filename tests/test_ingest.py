@@ -646,6 +646,19 @@ def test_hourly_view_is_exact_for_rows_of_any_age(api: IngestClient) -> None:
     assert by_bucket[hour + timedelta(hours=20)][0] == 1
 
 
+def test_a_batch_part_replayed_adds_only_its_new_rows_to_the_hourly_view(api: IngestClient) -> None:
+    # The duplicates abort the first attempt; the second (ON CONFLICT DO NOTHING)
+    # must count only the row it inserted.
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) - timedelta(hours=2)
+    first = [m(hour + timedelta(minutes=10), power=100.0, energy_wh=1000.0)]
+    first.append(m(hour + timedelta(minutes=20), power=200.0, energy_wh=1100.0))
+    assert api.post("measurements", first).body["accepted"] == 2
+    answer = api.post("measurements", [*first, m(hour + timedelta(minutes=30), power=600.0, energy_wh=1300.0)])
+    assert (answer.body["accepted"], answer.body["duplicates"]) == (1, 2)
+    _refresh(api)
+    assert _hourly(api, "meter-1") == [(hour, 3, pytest.approx(300.0), 100.0, 600.0, pytest.approx(300.0))]
+
+
 def test_back_dated_batch_over_30_days_shows_up_in_the_hourly_view(api: IngestClient) -> None:
     old = datetime(2026, 4, 1, 10, 0, tzinfo=UTC)
     api.post("measurements", [m(old + timedelta(minutes=i), power=float(i)) for i in range(60)])
