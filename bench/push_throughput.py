@@ -14,6 +14,7 @@ from fleet.push_state import ResourceState
 from fleet.push_transport import Reply
 
 from bench.common import database, server, summary
+from bench.ingest_throughput import COLUMNS
 
 
 class MemoryState:
@@ -73,8 +74,9 @@ def _fill(url: str, rows: int) -> None:
         conn.execute("VACUUM ANALYZE monitoring.power_measurements")
 
 
-_ORDER = "ORDER BY push_xid, time, device_id"
-_COPY_COLUMNS = "time, device_id, " + ", ".join(MEASUREMENT_FIELDS)
+# The rows in the order the push reads them.
+_ORDER = f"ORDER BY {push_source._XID_ORDER}"
+_COPY_COLUMNS = ", ".join(COLUMNS)
 # The body's items as COPY itself writes them: each key a constant column, the time
 # and device id through to_json (PostgreSQL's own JSON, as the push's slow path
 # writes them), the metrics as float8's text; tab-delimited CSV that never quotes
