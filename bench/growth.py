@@ -101,7 +101,7 @@ def _cursor_query_ms(side: _Side) -> float:
 def _cursor_plan(side: _Side) -> str:
     assert side.client is not None and side.cursor is not None
     plan = side.client.execute(
-        "EXPLAIN (ANALYZE, BUFFERS) " + push_source._QUERIES["xid"][0],
+        "EXPLAIN (ANALYZE, BUFFERS) " + push_source._QUERIES["xid"],
         {"xid": str(side.cursor.xid), "time": side.cursor.time, "device": side.cursor.device, "limit": 5000},
     ).fetchall()
     return "\n".join(r[0] for r in plan)

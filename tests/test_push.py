@@ -285,6 +285,45 @@ def test_legacy_rows_from_before_the_migration_are_pushed_first(aws, admin: Admi
     assert admin.rows() == client_rows(client_db)
 
 
+def test_a_read_interrupted_mid_tick_sends_what_it_has_and_the_next_tick_goes_on(
+    aws, admin: Admin, client_db: str
+) -> None:
+    """The Client session ends while a batch is sent (an idle-in-transaction timeout, a
+    failover): the tick sends the rows it already has, says why it stopped, and does
+    not fail; the next tick reads on from the cursor."""
+
+    class EndClientSessions(Checkpoints):
+        armed = True
+
+        def reached(self, name: str, resource: str) -> None:
+            if name == "after_send" and resource == "measurements" and self.armed:
+                self.armed = False
+                with psycopg.connect(client_db, autocommit=True) as conn:
+                    conn.execute(
+                        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                    )
+
+    insert(client_db, 300)
+    clock = Clock()
+    service = make_push_service(
+        client_db,
+        aws,
+        admin.server_url,
+        admin.token,
+        clock,
+        batch_size=50,
+        max_batches=3,
+        checkpoints=EndClientSessions(),
+    )
+    report = service.tick().resources["measurements"]
+    assert report.outcome == "pushed" and report.rows == 150
+    assert "reading was interrupted" in (report.detail or "")
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert admin.one("SELECT sum(duplicates) FROM fleet.ingest_events WHERE batch_type = 'measurements'") == 0
+
+
 # --- response rules, from a scripted server -------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The push's pages: the JSON of the fast path is exactly what PostgreSQL's own JSON
-functions write for the same rows, and a page the fast path cannot vouch for takes
-the slow path, whatever the values hold.
+functions write for the same rows, and a page the fast path cannot vouch for is
+written value by value, exactly as well, whatever the values hold.
 
 The oracle is ``json_build_object`` over the same rows, computed here in SQL,
 independently of the code under test.
@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from fleet import push_source
-from fleet.push_source import XID_START, Cursor, FastRows
+from fleet.push_source import XID_START, Cursor
 
 COLUMNS = "time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz"
 
@@ -89,34 +89,34 @@ def _page_and_oracle(url: str, rows: list[tuple[Any, ...]]) -> tuple[push_source
 def test_the_fast_path_writes_what_postgresql_writes(client_db: str) -> None:
     page, oracle = _page_and_oracle(client_db, PLAIN)
     assert page.count == len(PLAIN)
-    assert [type(p) for p in page.parts] == [FastRows]  # vouched for: the fast path ran
+    assert page.vouched  # the fast path ran
     assert json.loads(page.body()) == {"items": oracle}
 
 
 def test_nan_and_infinity_are_written_as_postgresql_writes_them(client_db: str) -> None:
     page, oracle = _page_and_oracle(client_db, NOT_FINITE)
-    assert [type(p) for p in page.parts] == [FastRows]
+    assert page.vouched
     item = json.loads(page.body())["items"][0]
     assert item == oracle[0]
     assert (item["power_w"], item["voltage_v"], item["current_a"]) == ("NaN", "Infinity", "-Infinity")
 
 
 @pytest.mark.parametrize("case", sorted(SLOW))
-def test_values_the_fast_path_cannot_vouch_for_take_the_slow_path(client_db: str, case: str) -> None:
+def test_values_the_fast_path_cannot_vouch_for_are_written_exactly(client_db: str, case: str) -> None:
     rows = PLAIN[:2] + SLOW[case]
     page, oracle = _page_and_oracle(client_db, rows)
     assert page.count == len(rows)
-    assert [type(p) for p in page.parts] == [str]  # PostgreSQL wrote the JSON
+    assert not page.vouched
     assert json.loads(page.body()) == {"items": oracle}
 
 
-def test_a_null_time_or_device_takes_the_slow_path(client_db: str) -> None:
+def test_a_null_time_or_device_is_written_as_null(client_db: str) -> None:
     """A portal table older than the migration may allow them; the row goes to the
     server, which rejects it with a reason, rather than being dropped here."""
     with psycopg.connect(client_db, autocommit=True) as conn:
         conn.execute("ALTER TABLE monitoring.power_measurements ALTER COLUMN device_id DROP NOT NULL")
     page, oracle = _page_and_oracle(client_db, [*PLAIN[:2], _row("2026-11-04T00:00:00Z", None, 1.0)])  # type: ignore[arg-type]
-    assert [type(p) for p in page.parts] == [str]
+    assert not page.vouched
     items = json.loads(page.body())["items"]
     assert items == oracle and items[-1]["device_id"] is None
 
@@ -143,7 +143,7 @@ def test_legacy_rows_and_newer_rows_share_a_page_in_order(client_db: str) -> Non
         conn.execute("UPDATE monitoring.power_measurements SET push_xid = NULL")  # as before the migration
         _write(conn, PLAIN[4:] + SLOW["quote"])
         page = push_source.read_measurements(conn, push_source.START, 100)
-        assert [type(p) for p in page.parts] == [FastRows, str]
+        assert not page.vouched  # the quote
         expected = _oracle(conn, "legacy", 100, push_source.START) + _oracle(conn, "xid", 100, XID_START)
         assert json.loads(page.body())["items"] == expected
         assert page.cursor.phase == "xid"
@@ -189,3 +189,140 @@ def test_a_session_already_in_utc_and_iso_is_left_as_it_is(client_db: str) -> No
         items = json.loads(push_source.read_measurements(conn, XID_START, 100).body())["items"]
         conn.execute("SET TimeZone = 'UTC'")  # the oracle's own text follows the session's zone
         assert items == _oracle(conn, "xid", 100, XID_START)
+
+
+# --- the reader: one snapshot, streamed, handed out in pages ---------------------------
+
+
+def _keys(pages: list[push_source.MeasurementPage]) -> list[tuple[str, str]]:
+    return [(item["time"], item["device_id"]) for page in pages for item in json.loads(page.body())["items"]]
+
+
+def _all_pages(reader: push_source.MeasurementReader, size: int) -> list[push_source.MeasurementPage]:
+    pages = []
+    while (page := reader.page(size)).count:
+        pages.append(page)
+    return pages
+
+
+def test_a_reader_hands_out_every_row_once_in_order_across_pages_and_phases(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN[:5])
+        conn.execute("UPDATE monitoring.power_measurements SET push_xid = NULL")  # as before the migration
+        _write(conn, PLAIN[5:])
+        _write(conn, NOT_FINITE)
+        with push_source.MeasurementReader(conn, push_source.START, 100) as reader:
+            pages = _all_pages(reader, 3)
+        expected = _oracle(conn, "legacy", 100, push_source.START) + _oracle(conn, "xid", 100, XID_START)
+        assert [p.count for p in pages] == [3, 3, 2]  # the legacy tail and the newer rows share a page
+        assert [item for p in pages for item in json.loads(p.body())["items"]] == expected
+        # Each page's cursor is the key of its last row: a new reader from it goes on
+        # with the row after (none after the last).
+        for page, following in zip(pages, [*pages[1:], None], strict=True):
+            with push_source.MeasurementReader(conn, page.cursor, 1) as reader:
+                after = reader.page(1)
+            assert _keys([after]) == (_keys([following])[:1] if following else [])
+
+
+def test_a_reader_reads_one_snapshot(client_db: str) -> None:
+    """Rows committed while a tick reads are the next tick's, as the horizon says."""
+    with psycopg.connect(client_db, autocommit=True) as conn, psycopg.connect(client_db, autocommit=True) as writer:
+        _write(conn, PLAIN)
+        with push_source.MeasurementReader(conn, XID_START, 100) as reader:
+            first = reader.page(2)
+            _write(writer, [_row("2026-11-05T00:00:00Z", "meter-new", 1.0)])
+            rest = _all_pages(reader, 100)
+        assert first.count + sum(p.count for p in rest) == len(PLAIN)
+        with push_source.MeasurementReader(conn, rest[-1].cursor, 100) as reader:
+            assert _keys([reader.page(100)]) == [("2026-11-05T00:00:00+00:00", "meter-new")]
+
+
+def test_rows_handed_back_are_handed_out_again_first(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        with push_source.MeasurementReader(conn, XID_START, 100) as reader:
+            taken = [reader.page(3), reader.page(3)]
+            reader.give_back(taken[0].rows + taken[1].rows)  # as after a 413
+            smaller = reader.page(2)
+            reader.give_back(smaller.rows)  # a 413 again: before the rows still waiting
+            again = _all_pages(reader, 2)
+        assert [p.count for p in again] == [2, 2, 2, 1]
+        assert _keys(again) == [(i["time"], i["device_id"]) for i in _oracle(conn, "xid", 100, XID_START)]
+        assert again[2].cursor == taken[1].cursor  # the sixth row's key, as before
+
+
+def test_max_rows_bounds_what_a_reader_reads(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        with push_source.MeasurementReader(conn, XID_START, 5) as reader:
+            assert [reader.page(3).count, reader.page(3).count, reader.page(3).count] == [3, 2, 0]
+
+
+@pytest.mark.parametrize(("max_rows", "taken", "cancels"), [(7, 7, 0), (4, 4, 0), (100, 4, 1)])
+def test_a_statement_is_cancelled_only_when_rows_it_may_return_are_left(
+    client_db: str, monkeypatch: pytest.MonkeyPatch, max_rows: int, taken: int, cancels: int
+) -> None:
+    """A tick that took every row its statement may return reads the statement's end;
+    only one that stops early (a failed batch, the time budget) asks the server to
+    stop, which takes a connection of its own."""
+    requests: list[int] = []
+    cancel = psycopg.Connection.cancel_safe
+    monkeypatch.setattr(psycopg.Connection, "cancel_safe", lambda self, **kw: (requests.append(1), cancel(self, **kw)))
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        with push_source.MeasurementReader(conn, XID_START, max_rows) as reader:
+            assert reader.page(taken).count == taken
+        assert len(requests) == cancels
+        assert conn.execute("SELECT 1").fetchone() == (1,)  # the connection is ready for the next statement
+
+
+def _terminate(url: str, pid: int) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+@pytest.mark.parametrize("rows", [7, 100_000])
+def test_a_read_interrupted_once_rows_were_handed_out_ends_there(client_db: str, rows: int) -> None:
+    """Its session ended (a lost connection, an idle-in-transaction timeout) after the
+    statement had sent everything (7 rows), or while it still ran (100,000 rows, more
+    than the sockets hold): the rows already received are handed out, in order, and
+    the reader ends without raising."""
+    with psycopg.connect(client_db, autocommit=True, options="-c TimeZone=UTC") as conn:
+        if rows == len(PLAIN):
+            _write(conn, PLAIN)
+        else:
+            conn.execute(
+                "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+                " SELECT '2026-01-01T00:00:00Z'::timestamptz + make_interval(secs => g), 'meter-1', g"
+                " FROM generate_series(1, %s) g",
+                (rows,),
+            )
+        expected = [
+            (t.replace(" ", "T") + ":00", d)
+            for t, d in conn.execute(
+                "SELECT time::text, device_id FROM monitoring.power_measurements ORDER BY push_xid, time, device_id"
+            )
+        ]
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        with push_source.MeasurementReader(conn, XID_START, rows) as reader:
+            pages = [reader.page(3)]
+            _terminate(client_db, conn.info.backend_pid)
+            pages += _all_pages(reader, 5000)
+        assert isinstance(reader.interrupted_by, psycopg.OperationalError)
+        handed = _keys(pages)
+        assert handed == expected[: len(handed)]
+        if rows == len(PLAIN):
+            assert len(handed) == rows
+        else:
+            assert len(handed) < rows  # ended while the statement ran
+
+
+def test_a_read_that_fails_before_any_row_raises(client_db: str) -> None:
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN)
+        with (  # noqa: PT012 - the failure is the read's
+            pytest.raises(psycopg.OperationalError),
+            push_source.MeasurementReader(conn, XID_START, 100) as reader,
+        ):
+            _terminate(client_db, conn.info.backend_pid)
+            reader.page(3)

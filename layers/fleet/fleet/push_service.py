@@ -42,12 +42,13 @@ GROW_AFTER_SUCCESSES = 3
 _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 
 
-# While a page's result streams in, the read-ahead thread wakes for the socket several
-# times and needs the GIL back each time. At Python's default switch interval (5 ms)
-# each wake can wait out the main thread's formatting, so the two threads barely
-# overlap; with a short interval the reader takes each piece as it arrives (by the
-# benchmark, 1.2-1.5x the rows per second without any network wait). Process-wide,
-# so it is shortened while some push reads ahead and restored after the last one.
+# The read-ahead thread takes each page's rows as they arrive and writes its body;
+# it waits for the socket several times a page and needs the GIL back after each
+# wait, while this thread sends and keeps the books. At Python's default switch
+# interval (5 ms) each of those waits can last as long as this thread runs; with a
+# short one the reader takes each chunk as it arrives (by the benchmark, without a
+# network wait, 0.67 x COPY against 0.55 at the default). Process-wide, so it is
+# shortened while some push reads ahead and restored after the last one.
 READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
 _switching = threading.Lock()
 _switching_users = 0
@@ -69,6 +70,35 @@ def _prompt_thread_switches() -> Iterator[None]:
             _switching_users -= 1
             if _switching_users == 0:
                 sys.setswitchinterval(_switching_saved)
+
+
+Batch = tuple[MeasurementPage, bytes]  # a page and its compressed body
+
+
+def _batch(source: push_source.MeasurementReader, size: int) -> Batch:
+    page = source.page(size)
+    return page, gzip_body(page.body()) if page.count else b""
+
+
+def _note_interruption(rep: ResourceReport, error: psycopg.Error | None) -> None:
+    """A read that ended early: the rest goes on next tick, from the cursor."""
+    if error is not None:
+        rep.detail = f"reading was interrupted; the rest goes on next tick: {type(error).__name__}: {error}"[:500]
+        logger.warning("push read interrupted", extra={"resource": "measurements", "error": rep.detail})
+
+
+def _done(read: Callable[..., Batch], *args: Any) -> Future[Batch]:
+    """A batch read here and now (read-ahead off), as the Future a read-ahead gives."""
+    done: Future[Batch] = Future()
+    try:
+        done.set_result(read(*args))
+    except Exception as exc:  # noqa: BLE001 - raised again by result(), as a read-ahead's
+        done.set_exception(exc)
+    return done
+
+
+def _rows_of(ahead: Future[Batch] | None) -> list[push_source.Row]:
+    return [] if ahead is None else ahead.result()[0].rows
 
 
 def _drop(ahead: Future[Any] | None) -> None:
@@ -231,23 +261,31 @@ class PushService:
             # An unreadable cursor is never taken as "start over" silently.
             self._refused(state, owner, rep, str(exc))
             return
-        # Read-ahead: while one page is written as JSON, compressed and sent, a second
-        # thread reads the next (from the key of the last row of this one) on this
-        # connection, so the database read overlaps the HTTP round trip. Only a 2xx
-        # moves the cursor, as ever; a page read ahead of a batch that did not succeed
-        # is dropped unused. Without a network wait to fill, the two overlap only as far
-        # as the GIL lets them (see _prompt_thread_switches; bench/README.md has figures).
+        # The tick's rows come from one statement per phase that the server runs ahead
+        # of the pages (MeasurementReader). Read-ahead: while one batch is sent, a
+        # second thread takes the next page from the reader and writes its body (JSON,
+        # gzip), so the client's work overlaps the HTTP round trip; this thread only
+        # sends and keeps the books. Only a 2xx moves the cursor, as ever; rows taken
+        # for a batch that did not succeed are never sent past it (a 413 hands them
+        # back, to be sent again in smaller batches).
         switches = _prompt_thread_switches() if self.read_ahead else contextlib.nullcontext()
-        with switches, ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader:
+        max_rows = self._size(state) * self.max_batches
+        with (
+            switches,
+            push_source.MeasurementReader(conn, cursor, max_rows) as source,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader,
+        ):
 
-            def read(after: Cursor) -> Future[MeasurementPage]:
-                return reader.submit(push_source.read_measurements, conn, after, self._size(state))
+            def read() -> Future[Batch]:
+                if self.read_ahead:
+                    return reader.submit(_batch, source, self._size(state))
+                return _done(_batch, source, self._size(state))
 
-            ahead: Future[MeasurementPage] | None = read(cursor)
+            ahead: Future[Batch] | None = read()
             try:
                 sent = 0
                 while ahead is not None and sent < self.max_batches:
-                    page, ahead = ahead.result(), None
+                    (page, body), ahead = ahead.result(), None
                     self.checkpoints.reached("after_read", "measurements")
                     if not page.count:
                         break
@@ -256,22 +294,24 @@ class PushService:
                         more = False
                         rep.detail = "time budget of the tick used; the backlog goes on next tick"
                     if more and self.read_ahead:
-                        ahead = read(page.cursor)
-                    reply = self._send(state, owner, rep, "measurements", page.body(), page.count, cursor, page.cursor)
-                    if reply is None:  # 413: halved; read again at the smaller size
-                        _drop(ahead)
-                        ahead = read(cursor)
+                        ahead = read()
+                    reply = self._send(state, owner, rep, "measurements", body, page.count, cursor, page.cursor)
+                    if reply is None:  # 413: halved; the same rows again at the smaller size
+                        source.give_back(page.rows + _rows_of(ahead))
+                        ahead = read()
                         continue
                     if not 200 <= reply.status < 300:
                         return
                     cursor = Cursor.decode(state.cursor)
                     sent += 1
                     if more and ahead is None:
-                        ahead = read(cursor)
+                        ahead = read()
             finally:
                 _drop(ahead)
         rep.outcome = "pushed" if rep.batches else "idle"
-        self._report_lag(conn, cursor)
+        _note_interruption(rep, source.interrupted_by)
+        if not conn.broken:
+            self._report_lag(conn, cursor)
 
     def _report_lag(self, conn: psycopg.Connection, cursor: Cursor) -> None:
         oldest = push_source.oldest_unpushed(conn, cursor)
@@ -292,7 +332,7 @@ class PushService:
         while offset < len(rows) or (offset == 0 and not rows):
             chunk = rows[offset : offset + self._size(state)]
             marker = f"{digest}:{offset + len(chunk)}/{len(rows)}"
-            body = json.dumps({"items": chunk}, separators=(",", ":")).encode()
+            body = gzip_body(json.dumps({"items": chunk}, separators=(",", ":")).encode())
             reply = self._send(state, owner, rep, state.resource, body, len(chunk), None, marker)
             if reply is None:
                 continue
@@ -313,14 +353,14 @@ class PushService:
         owner: str,
         rep: ResourceReport,
         batch_type: str,
-        raw: bytes,
+        body: bytes,
         count: int,
         before: Cursor | None,
         after: Cursor | str,
     ) -> Reply | None:
-        """Send one batch and apply the response rules. None means "413: resend smaller"."""
+        """Send one batch (its body compressed) and apply the response rules. None means
+        "413: resend smaller"."""
         after_text = after.encode() if isinstance(after, Cursor) else after
-        body = gzip_body(raw)
         if state.server_max_bytes and len(body) > state.server_max_bytes and count > 1:
             self._halve(state, owner, count, "body over the server's limit")
             return None

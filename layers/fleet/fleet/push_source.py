@@ -13,6 +13,9 @@ that no transaction can still commit in front of:
   this snapshot. Rows of transactions still open have ids >= xmin and wait.
 * keyset: the next read starts strictly after the last key sent.
 
+A tick reads its pages from one snapshot (``MeasurementReader``): consecutive runs
+of the same ordered statement, each page's cursor the key of its last row.
+
 So once the cursor has passed a key, no committed row can appear behind it later:
 not a replay of 50,000 rows sharing one ``received_at`` (they share one xid and are
 ordered by time and device inside it), not a transaction that stayed open for an
@@ -32,10 +35,14 @@ nothing the Admin database could hold.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
+import sys
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from itertools import islice
 from typing import Any, Literal
 
 import psycopg
@@ -78,32 +85,26 @@ class Cursor:
 START = Cursor("legacy")
 XID_START = Cursor("xid")
 
-# Two ways to a page's JSON, the same JSON either way:
+# A page's JSON, written from the values as PostgreSQL's own text (what COPY would
+# write: no JSON functions on the server, no conversion to Python numbers or
+# datetimes), one of two ways, the same JSON either way:
 #
-# * fast: the page's values as PostgreSQL's own text (what COPY would write: no
-#   JSON functions on the server, no conversion to Python numbers or datetimes),
-#   put into each row's JSON by string formatting (FastRows). Exact by construction
-#   once ``_vouch`` has looked at the page: timestamps in ISO form in UTC (set for
-#   the transaction), metrics as the digits of their float8 (NULL, NaN and Infinity
-#   written as PostgreSQL writes them), a NULL time or device id made into a value
-#   that sends the page the slow way, and no device id that JSON would escape. By
-#   the benchmark, several times faster.
-# * slow: PostgreSQL writes each row's JSON itself (``json_build_object``), which
-#   escapes anything. Taken for a page the fast path will not vouch for.
+# * fast: an f-string per row (MeasurementPage.body). Exact by construction once
+#   ``_vouch`` has looked at the page: timestamps in ISO form in UTC (set for the
+#   transaction), metrics as the digits of their float8 (NULL, NaN and Infinity
+#   written as PostgreSQL's JSON writes them), no NULL time or device id, and no
+#   device id that JSON would escape.
+# * exact: value by value, for a page the fast path will not vouch for; written
+#   as PostgreSQL's ``json_build_object`` writes the same values
+#   (tests/test_push_pages.py holds both to it).
 #
 # Aliased: an output column named like a table column would be what ORDER BY sorts.
 # The casts cost nothing on the columns 001_monitoring.sql creates.
-_FAST_COLUMNS = (
-    "push_xid AS x, coalesce(time, 'infinity')::timestamptz AS t, coalesce(device_id, E'\\x01')::text AS d, "
-    + ", ".join(f"{name}::float8 AS m{i}" for i, name in enumerate(MEASUREMENT_FIELDS))
+_COLUMNS = "push_xid AS x, time::timestamptz AS t, device_id::text AS d, " + ", ".join(
+    f"{name}::float8 AS m{i}" for i, name in enumerate(MEASUREMENT_FIELDS)
 )
 _AS_TEXT = ("xid8", "timestamptz", "float8")
 _CONTROL = re.compile("[\x00-\x1f]")  # what JSON escapes, besides '"' and '\\'
-_ROW_JSON = (
-    "json_build_object('time', time, 'device_id', device_id, "
-    + ", ".join(f"'{name}', {name}" for name in MEASUREMENT_FIELDS)
-    + ")::text"
-)
 
 _LEGACY_WHERE = "push_xid IS NULL AND (time, device_id) > (%(time)s::timestamptz, %(device)s)"
 _LEGACY_ORDER = "time, device_id"
@@ -112,10 +113,11 @@ _XID_WHERE = (
     " AND push_xid < pg_snapshot_xmin(pg_current_snapshot())"
 )
 _XID_ORDER = "push_xid, time, device_id"
-# The fast path's formats, for this transaction only, and only where the session's
-# own differ: a changed TimeZone or DateStyle is reported to the client, and a proxy
-# may pin the connection for it. (ISO output is the same whatever the MDY/DMY part;
-# any extra_float_digits above 0 gives the shortest exact digits.)
+# The snapshot, and the fast path's formats for this transaction only, and only
+# where the session's own differ: a changed TimeZone or DateStyle is reported to the
+# client, and a proxy may pin the connection for it. (ISO output is the same
+# whatever the MDY/DMY part; any extra_float_digits above 0 gives the shortest exact
+# digits.)
 _SETTINGS = (
     "SELECT CASE WHEN current_setting('TimeZone') NOT IN ('UTC', 'Etc/UTC')"
     " THEN set_config('TimeZone', 'UTC', true) END,"
@@ -124,149 +126,208 @@ _SETTINGS = (
     " CASE WHEN current_setting('extra_float_digits')::int < 1"
     " THEN set_config('extra_float_digits', '1', true) END"
 )
+_BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + _SETTINGS
 
-_FAST_PAGE = "SELECT {columns} FROM monitoring.power_measurements WHERE {where} ORDER BY {order} LIMIT %(limit)s"
-
-_JSON_PAGE = """
-WITH page AS (
-    SELECT push_xid, time, device_id, {row_json} AS j
-    FROM monitoring.power_measurements
-    WHERE {where}
-    ORDER BY {order}
-    LIMIT %(limit)s
-)
-SELECT (SELECT string_agg(j, ',') FROM page), (SELECT count(*) FROM page), last.push_xid::text, last.time::text,
-       last.device_id
-FROM (SELECT push_xid, time, device_id FROM page ORDER BY {order_desc} LIMIT 1) AS last
-"""
-
+_QUERY = "SELECT {columns} FROM monitoring.power_measurements WHERE {where} ORDER BY {order} LIMIT %(limit)s"
 _QUERIES = {
-    "legacy": (
-        _FAST_PAGE.format(columns=_FAST_COLUMNS, where=_LEGACY_WHERE, order=_LEGACY_ORDER),
-        _JSON_PAGE.format(
-            row_json=_ROW_JSON, where=_LEGACY_WHERE, order=_LEGACY_ORDER, order_desc="time DESC, device_id DESC"
-        ),
-    ),
-    "xid": (
-        _FAST_PAGE.format(columns=_FAST_COLUMNS, where=_XID_WHERE, order=_XID_ORDER),
-        _JSON_PAGE.format(
-            row_json=_ROW_JSON,
-            where=_XID_WHERE,
-            order=_XID_ORDER,
-            order_desc="push_xid DESC, time DESC, device_id DESC",
-        ),
-    ),
+    "legacy": _QUERY.format(columns=_COLUMNS, where=_LEGACY_WHERE, order=_LEGACY_ORDER),
+    "xid": _QUERY.format(columns=_COLUMNS, where=_XID_WHERE, order=_XID_ORDER),
 }
 
-
-class FastRows:
-    """Rows of a page as PostgreSQL's text, vouched for by ``_vouch``: their JSON is
-    written by ``json()``, after the transaction (the push formats one page while
-    the next is read)."""
-
-    __slots__ = ("rows",)
-
-    def __init__(self, rows: list[tuple[Any, ...]]) -> None:
-        self.rows = rows
-
-    def json(self) -> str:
-        text = ",".join(
-            [
-                f'{{"time":"{r[1].replace(" ", "T")}:00","device_id":"{r[2]}","power_w":{r[3]},"voltage_v":{r[4]},'
-                f'"current_a":{r[5]},"energy_wh":{r[6]},"power_factor":{r[7]},"frequency_hz":{r[8]}}}'
-                for r in self.rows
-            ]
-        )
-        # Numbers are digits, ".", "-", "+" and "e": a capital N or I is a NULL (None),
-        # NaN or Infinity (written as PostgreSQL's JSON writes them), or is in a device
-        # id, which _vouch made sure holds none of those words.
-        if "N" in text or "I" in text:
-            text = text.replace(":None", ":null").replace(":NaN", ':"NaN"')
-            text = text.replace(":Infinity", ':"Infinity"').replace(":-Infinity", ':"-Infinity"')
-        return text
+Row = tuple[Any, ...]  # (x, t, d, m0..m5) as PostgreSQL's text; None for NULL
 
 
 @dataclass
 class MeasurementPage:
-    # In order: rows to be written as JSON, or JSON that PostgreSQL wrote.
-    parts: list[FastRows | str]
-    count: int
-    cursor: Cursor  # the key of the last row read (unchanged when none)
+    rows: list[Row]
+    cursor: Cursor  # the key of the last row (the reader's position when none)
     limit: int  # the most rows it could hold
+    vouched: bool  # whether the fast path writes its JSON
+
+    @property
+    def count(self) -> int:
+        return len(self.rows)
 
     @property
     def full(self) -> bool:
         """Whether more rows may follow it."""
-        return self.count == self.limit
+        return len(self.rows) == self.limit
 
     def body(self) -> bytes:
         """The request body: ``{"items": [...]}``."""
-        items = ",".join(part if isinstance(part, str) else part.json() for part in self.parts)
-        return b'{"items":[' + items.encode() + b"]}"
+        if not self.vouched:
+            items = [_exact_item(r) for r in self.rows]
+        else:
+            items = [
+                f'{{"time":"{r[1].replace(" ", "T")}:00","device_id":"{r[2]}","power_w":{r[3]},"voltage_v":{r[4]},'
+                f'"current_a":{r[5]},"energy_wh":{r[6]},"power_factor":{r[7]},"frequency_hz":{r[8]}}}'
+                for r in self.rows
+            ]
+        text = ",".join(items)
+        # Numbers are digits, ".", "-", "+" and "e": a capital N or I is a NULL (None),
+        # NaN or Infinity (written as PostgreSQL's JSON writes them), or is in a device
+        # id, which _vouch made sure holds none of those words.
+        if self.vouched and ("N" in text or "I" in text):
+            text = text.replace(":None", ":null").replace(":NaN", ':"NaN"')
+            text = text.replace(":Infinity", ':"Infinity"').replace(":-Infinity", ':"-Infinity"')
+        return b'{"items":[' + text.encode() + b"]}"
+
+
+class MeasurementReader:
+    """The rows after a cursor, at most ``max_rows`` of them, handed out in pages,
+    all from one REPEATABLE READ snapshot (the horizon of the module's docstring is
+    this snapshot's), which lasts while the pages are sent: a tick's read.
+
+    Streamed: each phase is one statement, its rows sent by the server in chunks
+    (libpq's chunked rows mode) while the client writes and sends the pages before
+    them, instead of a statement per page that the server starts only once the page
+    before it has been read (bench/README.md has the figures).
+
+    A read that fails once some rows were handed out ends there (``interrupted_by``:
+    a statement timeout, or an idle-in-transaction timeout or a lost connection while
+    a batch was being sent): the push sends what it has and the next tick reads on
+    from its cursor. One that fails before raises.
+    """
+
+    def __init__(self, conn: psycopg.Connection, cursor: Cursor, max_rows: int) -> None:
+        self._conn = conn
+        self._position = cursor
+        self._phase: Phase = cursor.phase
+        self._left = max_rows  # rows the statements may still return
+        self._back: list[Row] = []  # rows handed back: handed out again first
+        self._rows: Iterator[Row] | None = None
+        self._handed = 0  # rows handed out and not handed back
+        self._transaction: contextlib.AbstractContextManager[psycopg.Transaction] | None = None
+        self.interrupted_by: psycopg.Error | None = None
+
+    def __enter__(self) -> MeasurementReader:
+        self._transaction = transaction = self._conn.transaction()
+        transaction.__enter__()
+        try:
+            self._conn.execute(_BEGIN)
+        except BaseException:
+            transaction.__exit__(*sys.exc_info())
+            raise
+        self._stream(self._position)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._close_stream()
+        assert self._transaction is not None
+        try:
+            self._transaction.__exit__(*exc)
+        except psycopg.OperationalError as error:
+            if exc[0] is not None or not self._handed:
+                raise
+            # The snapshot is read-only: not closing it loses nothing.
+            self.interrupted_by = self.interrupted_by or error
+
+    def page(self, limit: int) -> MeasurementPage:
+        """Up to ``limit`` rows after the last handed out."""
+        rows = self._back[:limit]
+        del self._back[:limit]
+        while len(rows) < limit and self._rows is not None:
+            want = limit - len(rows)
+            try:
+                got = list(islice(self._rows, want))
+            except psycopg.Error as error:
+                self._rows = None
+                if not rows and not self._handed:
+                    raise
+                self.interrupted_by = error
+                break
+            rows += got
+            self._left -= len(got)
+            if len(got) < want:  # this phase's statement has returned every row
+                self._close_stream()
+                if self._phase == "legacy" and self._left > 0:
+                    self._stream(XID_START)
+        self._handed += len(rows)
+        if rows:
+            self._position = _key(rows[-1])
+        return MeasurementPage(rows, self._position, limit, _vouch(rows))
+
+    def give_back(self, rows: list[Row]) -> None:
+        """Rows handed out and not sent (a 413 splits them): handed out again first."""
+        self._back[:0] = rows
+        self._handed -= len(rows)
+
+    def _stream(self, after: Cursor) -> None:
+        self._phase = after.phase
+        params = {"xid": str(after.xid), "time": after.time, "device": after.device, "limit": self._left}
+        cur = self._conn.cursor()
+        for name in _AS_TEXT:
+            cur.adapters.register_loader(name, TextLoader)
+        self._rows = cur.stream(_QUERIES[after.phase], params, size=_CHUNK_ROWS)
+
+    def _close_stream(self) -> None:
+        """End the running statement. One whose every row was taken has only its end
+        left to read; any other is cancelled (a request on a connection of its own)."""
+        rows, self._rows = self._rows, None
+        if not isinstance(rows, Generator):
+            return
+        if self._left == 0:
+            with contextlib.suppress(psycopg.Error):
+                for _ in rows:
+                    break
+        rows.close()
+
+
+_CHUNK_ROWS = 1000  # rows per libpq result while streaming
 
 
 def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> MeasurementPage:
-    """Up to ``limit`` rows after ``cursor``, in one REPEATABLE READ snapshot.
-
-    Pipelined: BEGIN, the settings and the page's query go to the server at once,
-    and the server is at work on the page after one round trip, not four."""
-    parts: list[FastRows | str] = []
-    count = 0
-    with conn.pipeline(), conn.transaction():
-        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        conn.execute(_SETTINGS)
-        params: dict[str, Any] = {"xid": "0", "time": cursor.time, "device": cursor.device, "limit": limit}
-        if cursor.phase == "legacy":
-            part, got, last = _read_part(conn, "legacy", params)
-            if got:
-                parts.append(part)
-                count = got
-                cursor = last
-            if count == limit:
-                return MeasurementPage(parts, count, cursor, limit)
-            cursor = XID_START  # legacy rows done: continue with the transaction-id order
-        params = {
-            "xid": str(cursor.xid),
-            "time": cursor.time,
-            "device": cursor.device,
-            "limit": limit - count,
-        }
-        part, got, last = _read_part(conn, "xid", params)
-        if got:
-            parts.append(part)
-            count += got
-            cursor = last
-    return MeasurementPage(parts, count, cursor, limit)
+    """One page of up to ``limit`` rows after ``cursor``, in a snapshot of its own."""
+    with MeasurementReader(conn, cursor, limit) as reader:
+        return reader.page(limit)
 
 
-def _read_part(conn: psycopg.Connection, phase: Phase, params: dict[str, Any]) -> tuple[FastRows | str, int, Cursor]:
-    """(the rows, their count, the key of the last one) of one phase of a page."""
-    fast_query, json_query = _QUERIES[phase]
-    with conn.cursor() as cur:
-        for name in _AS_TEXT:
-            cur.adapters.register_loader(name, TextLoader)
-        rows = cur.execute(fast_query, params).fetchall()
-    if not rows:
-        return "", 0, START
-    if _vouch(rows):
-        xid, at, device = rows[-1][:3]
-        last = Cursor(phase, int(xid) if phase == "xid" else 0, at, device)
-        return FastRows(rows), len(rows), last
-    row = conn.execute(json_query, params).fetchone()
-    assert row is not None and row[0] is not None  # same snapshot, same rows
-    last = Cursor(phase, int(row[2]) if phase == "xid" else 0, row[3], row[4])
-    return row[0], int(row[1]), last
+def _key(row: Row) -> Cursor:
+    """The cursor of a row. A NULL time or device id (a portal table older than the
+    migration may allow them) cannot be stepped past exactly; the keyset takes the
+    values that sort where the row does."""
+    xid, at, device = row[:3]
+    if xid is None:
+        return Cursor("legacy", 0, at or "infinity", device or "")
+    return Cursor("xid", int(xid), at or "infinity", device or "")
 
 
-def _vouch(rows: list[tuple[Any, ...]]) -> bool:
-    """Whether FastRows.json() writes exactly what PostgreSQL's JSON would for these rows."""
-    times = "".join([r[1] for r in rows])
-    if "n" in times or "B" in times:  # infinity (or a NULL time), BC
+def _vouch(rows: list[Row]) -> bool:
+    """Whether the fast path writes exactly what PostgreSQL's JSON would for these rows."""
+    try:
+        times = "".join([r[1] for r in rows])
+        devices = "".join([r[2] for r in rows])
+    except TypeError:  # a NULL
         return False
-    devices = "".join([r[2] for r in rows])
-    if '"' in devices or "\\" in devices or _CONTROL.search(devices):  # JSON escapes, or a NULL
+    if "n" in times or "B" in times:  # infinity, BC
+        return False
+    if '"' in devices or "\\" in devices or _CONTROL.search(devices):  # JSON escapes
         return False
     return not any(word in devices for word in ("None", "NaN", "Infinity"))
+
+
+# PostgreSQL's text of a timestamptz in UTC and ISO DateStyle, and what its JSON
+# writes for it: "2026-01-01 00:00:00.5+00" -> "2026-01-01T00:00:00.5+00:00".
+_TIMESTAMPTZ = re.compile(r"(\S+) (\S+?)([+-]\d\d)(:\d\d)?(:\d\d)?( BC)?")
+_NOT_FINITE = {"NaN": '"NaN"', "Infinity": '"Infinity"', "-Infinity": '"-Infinity"'}
+
+
+def _exact_item(row: Row) -> str:
+    metrics = ",".join(
+        f'"{name}":{"null" if value is None else _NOT_FINITE.get(value, value)}'
+        for name, value in zip(MEASUREMENT_FIELDS, row[3:], strict=True)
+    )
+    return f'{{"time":{_exact_time(row[1])},"device_id":{json.dumps(row[2], ensure_ascii=False)},{metrics}}}'
+
+
+def _exact_time(text: str | None) -> str:
+    if text is None:
+        return "null"
+    match = _TIMESTAMPTZ.fullmatch(text)
+    if match is None:  # infinity, -infinity
+        return json.dumps(text)
+    day, clock, hours, minutes, seconds, era = match.groups()
+    return f'"{day}T{clock}{hours}{minutes or ":00"}{seconds or ""}{era or ""}"'
 
 
 def oldest_unpushed(conn: psycopg.Connection, cursor: Cursor) -> datetime | None:
