@@ -163,6 +163,12 @@ class MeasurementPage:
                 f'"current_a":{r[5]},"energy_wh":{r[6]},"power_factor":{r[7]},"frequency_hz":{r[8]}}}'
                 for r in self.rows
             ]
+        if not items:
+            return b'{"items":[]}'
+        # The body's ends go into its first and last items: one join makes the whole
+        # text (adding them around a page's ~900 KB would copy it twice more: 0.7 ms).
+        items[0] = '{"items":[' + items[0]
+        items[-1] += "]}"
         text = ",".join(items)
         # Numbers are digits, ".", "-", "+" and "e": a capital N or I is a NULL (None),
         # NaN or Infinity (written as PostgreSQL's JSON writes them), or is in a device
@@ -170,7 +176,7 @@ class MeasurementPage:
         if self.vouched and ("N" in text or "I" in text):
             text = text.replace(":None", ":null").replace(":NaN", ':"NaN"')
             text = text.replace(":Infinity", ':"Infinity"').replace(":-Infinity", ':"-Infinity"')
-        return b'{"items":[' + text.encode() + b"]}"
+        return text.encode()
 
 
 class MeasurementReader:
