@@ -4,6 +4,7 @@ of the same rows from the same database."""
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import psycopg
@@ -105,49 +106,67 @@ def _copy_json(conn: psycopg.Connection, keep: int) -> tuple[float, list[bytes]]
     return elapsed, [item.translate(None, b"\t\n") for item in kept]
 
 
-def run(server_url: str, rows: int, batch: int) -> dict[str, float]:
+def _copy(conn: psycopg.Connection) -> tuple[float, int]:
+    """Seconds for COPY TO of the bare columns, and the bytes it wrote."""
+    out = 0
+    start = time.perf_counter()
+    with conn.cursor().copy(_COPY) as cp:
+        for chunk in cp:
+            out += len(chunk)
+    return time.perf_counter() - start, out
+
+
+def run(server_url: str, rows: int, batch: int, rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {"copy": [], "copy_json": [], "push": [], "push_serial": []}
+    sink = Sink()
     with database(server_url, "client") as url:
         _fill(url, rows)
         with psycopg.connect(url, autocommit=True) as conn:
-            out = 0
-            start = time.perf_counter()
-            with conn.cursor().copy(_COPY) as cp:
-                for chunk in cp:
-                    out += len(chunk)
-            copy_s = time.perf_counter() - start
-            json_s, items = _copy_json(conn, 50)
+            _, items = _copy_json(conn, 50)
             # The reference writes the very items the push sends, or it would not be one.
             pushed = push_source.read_measurements(conn, push_source.START, len(items)).body()
             assert pushed == b'{"items":[' + b",".join(items) + b"]}", "COPY's JSON differs from the push's"
-        sink = Sink()
-        push_s = _push(url, sink, rows, batch)
-        serial_s = _push(url, Sink(), rows, batch, read_ahead=False)
+            # Baselines and push alternate, round after round, so that background load
+            # falls on all alike; each figure is the median over the rounds.
+            for _ in range(rounds):
+                copy_s, out = _copy(conn)
+                times["copy"].append(copy_s)
+                times["copy_json"].append(_copy_json(conn, 0)[0])
+                times["push"].append(_push(url, sink, rows, batch))
+                times["push_serial"].append(_push(url, Sink(), rows, batch, read_ahead=False))
         # With a round trip to wait for, as in production: read-ahead on and off.
         latency_rows = min(rows, 100 * batch)
         overlap = {on: latency_rows / _push(url, Sink(LATENCY_S), latency_rows, batch, on) for on in (True, False)}
-    copy_rate, push_rate, json_rate = rows / copy_s, rows / push_s, rows / json_s
-    summary("push.copy_to_stdout", copy_rate, "rows/s", 1.0, f"baseline: {out / rows:.0f} bytes/row of text")
+    rate = {name: rows / statistics.median(seconds) for name, seconds in times.items()}
+
+    def ratio(name: str, over: str = "copy") -> float:
+        """The median over the rounds of this figure's rows/s against the other's."""
+        return statistics.median(b / a for a, b in zip(times[name], times[over], strict=True))
+
+    push_ratios = sorted(c / p for c, p in zip(times["copy"], times["push"], strict=True))
+    rounds_note = f"median of {rounds} rounds" if rounds > 1 else "one round"
+    summary("push.copy_to_stdout", rate["copy"], "rows/s", 1.0, f"baseline: {out / rows:.0f} bytes/row of text")
     summary(
         "push.copy_json_to_stdout",
-        json_rate,
+        rate["copy_json"],
         "rows/s",
-        json_rate / copy_rate,
+        ratio("copy_json"),
         "the items' JSON written by COPY itself, nothing more: what the database alone manages for a JSON body",
     )
     summary(
         "push.path",
-        push_rate,
+        rate["push"],
         "rows/s",
-        push_rate / copy_rate,
-        f"target >= 0.5 x COPY TO; {push_rate / json_rate:.2f} x COPY's own JSON;"
-        f" {sink.bytes / rows:.1f} gzip bytes/row",
+        ratio("push"),
+        f"target >= 0.5 x COPY TO; {rounds_note} ({push_ratios[0]:.3f}-{push_ratios[-1]:.3f});"
+        f" {ratio('push', 'copy_json'):.2f} x COPY's own JSON; {sink.bytes / rows / rounds:.1f} gzip bytes/row",
     )
     summary(
         "push.read_ahead_without_round_trip",
-        push_rate,
+        rate["push"],
         "rows/s",
-        serial_s / push_s,
-        f"vs read-ahead off ({rows / serial_s:.0f} rows/s, {rows / serial_s / copy_rate:.3f} x COPY TO);"
+        ratio("push", "push_serial"),
+        f"vs read-ahead off ({rate['push_serial']:.0f} rows/s, {ratio('push_serial'):.3f} x COPY TO);"
         " a sink that answers at once",
     )
     summary(
@@ -158,10 +177,10 @@ def run(server_url: str, rows: int, batch: int) -> dict[str, float]:
         f"vs read-ahead off ({overlap[False]:.0f} rows/s); sink answers after {LATENCY_S * 1000:.0f} ms",
     )
     return {
-        "copy": copy_rate,
-        "copy_json": json_rate,
-        "push": push_rate,
-        "push_serial": rows / serial_s,
+        "copy": rate["copy"],
+        "copy_json": rate["copy_json"],
+        "push": rate["push"],
+        "push_serial": rate["push_serial"],
         "read_ahead": overlap[True],
         "no_read_ahead": overlap[False],
     }
@@ -186,6 +205,6 @@ def _push(url: str, sink: Sink, rows: int, batch: int, read_ahead: bool = True) 
 
 
 def main(smoke: bool = False) -> dict[str, float]:
-    rows, batch = (3_000, 500) if smoke else (500_000, 5_000)
+    rows, batch, rounds = (3_000, 500, 1) if smoke else (500_000, 5_000, 5)
     with server() as (url, _):
-        return run(url, rows, batch)
+        return run(url, rows, batch, rounds)
