@@ -23,7 +23,7 @@ import ingest
 import psycopg
 import push
 import pytest
-from fleet import config, customers, push_service
+from fleet import config, customers, push_service, push_source
 from fleet.local_api import Route, serving
 from fleet.observability import metrics
 from fleet.push_service import BACKOFF_CAP_S, READ_AHEAD_SWITCH_INTERVAL_S, Checkpoints, PushService
@@ -618,6 +618,37 @@ def test_read_ahead_shortens_the_thread_switch_interval_only_while_it_reads(scri
     # (the interpreter keeps whole microseconds)
     assert seen == [pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S if read_ahead else before)] * len(seen) != []
     assert sys.getswitchinterval() == before
+
+
+@pytest.mark.parametrize(("answer_s", "ahead"), [(0.0, False), (0.3, True)])
+def test_pages_are_read_ahead_only_while_sending_a_batch_waits(
+    scripted, monkeypatch: pytest.MonkeyPatch, answer_s: float, ahead: bool
+) -> None:
+    """Where sending a batch takes less than READ_AHEAD_MIN_WAIT_S there is no wait to
+    fill, and a second thread would only cost: the next page is read in the sending
+    thread. Where it takes longer, the page is read while the batch before it is sent."""
+    monkeypatch.setattr(push_service, "READ_AHEAD_MIN_WAIT_S", 0.2)  # above the local server's answers
+    readers: list[str] = []
+    page = push_source.MeasurementReader.page
+
+    def watched(self: push_source.MeasurementReader, limit: int) -> push_source.MeasurementPage:
+        readers.append(threading.current_thread().name)
+        return page(self, limit)
+
+    monkeypatch.setattr(push_source.MeasurementReader, "page", watched)
+
+    class Answering(Checkpoints):
+        def reached(self, name: str, resource: str) -> None:
+            if name == "after_send" and resource == "measurements":
+                time.sleep(answer_s)
+
+    service, script, _ = scripted([], batch_size=40, max_batches=5, checkpoints=Answering())
+    assert service.tick().resources["measurements"].rows == 200
+    assert [len(r["items"]) for r in script.measurement_requests()] == [40] * 5
+    background = [name.startswith("push-read-ahead") for name in readers]
+    # The first page is read before anything is sent, the second while the first is
+    # sent (no send has been timed yet), the others as the sends before them took.
+    assert background == [False, True] + [ahead] * 3
 
 
 def test_overlapping_read_aheads_restore_the_switch_interval_once_the_last_ends() -> None:
