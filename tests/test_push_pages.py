@@ -110,15 +110,45 @@ def test_values_the_fast_path_cannot_vouch_for_are_written_exactly(client_db: st
     assert json.loads(page.body()) == {"items": oracle}
 
 
+def _allow_null_keys(url: str) -> None:
+    """As a portal table older than the migration may."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        for column in ("time", "device_id"):
+            conn.execute(f"ALTER TABLE monitoring.power_measurements ALTER COLUMN {column} DROP NOT NULL")
+
+
+NULL_KEYS = [_row("2026-11-04T00:00:00Z", None, 1.0), _row(None, "meter-9", 2.0)]  # type: ignore[arg-type]
+
+
 def test_a_null_time_or_device_is_written_as_null(client_db: str) -> None:
-    """A portal table older than the migration may allow them; the row goes to the
-    server, which rejects it with a reason, rather than being dropped here."""
-    with psycopg.connect(client_db, autocommit=True) as conn:
-        conn.execute("ALTER TABLE monitoring.power_measurements ALTER COLUMN device_id DROP NOT NULL")
-    page, oracle = _page_and_oracle(client_db, [*PLAIN[:2], _row("2026-11-04T00:00:00Z", None, 1.0)])  # type: ignore[arg-type]
+    """The row goes to the server, which rejects it with a reason, rather than being
+    dropped here."""
+    _allow_null_keys(client_db)
+    page, oracle = _page_and_oracle(client_db, [*PLAIN[:2], *NULL_KEYS])
     assert not page.vouched
     items = json.loads(page.body())["items"]
-    assert items == oracle and items[-1]["device_id"] is None
+    assert items == oracle
+    assert [(i["time"], i["device_id"]) for i in items[-2:]] == [("2026-11-04T00:00:00+00:00", None), (None, "meter-9")]
+
+
+@pytest.mark.parametrize("ends_on", ["null device", "null time"])
+def test_reading_on_from_a_row_without_a_key_goes_on_after_it(client_db: str, ends_on: str) -> None:
+    """A page that ends on a row with a NULL time or device id: the next read goes on
+    with the next transaction's rows, skipping none, and (no keyed row shares the
+    NULL-keyed rows' times here) sending none of the earlier rows again."""
+    _allow_null_keys(client_db)
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        _write(conn, PLAIN[:2])
+        _write(conn, [PLAIN[2], *NULL_KEYS])  # NULLs sort last: PLAIN[2], null device, null time
+        _write(conn, PLAIN[3:5])
+        every = [(i["time"], i["device_id"]) for i in _oracle(conn, "xid", 100, XID_START)]
+        size = 4 if ends_on == "null device" else 5
+        with push_source.MeasurementReader(conn, XID_START, 100) as reader:
+            page = reader.page(size)
+        assert None in _keys([page])[-1]
+        with push_source.MeasurementReader(conn, page.cursor, 100) as reader:
+            after = reader.page(100)
+        assert _keys([after]) == every[5:]  # the next transaction's rows, none again
 
 
 def test_the_cursor_is_the_key_of_the_last_row(client_db: str) -> None:

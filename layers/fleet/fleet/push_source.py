@@ -289,9 +289,13 @@ def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> M
 
 
 def _key(row: Row) -> Cursor:
-    """The cursor of a row. A NULL time or device id (a portal table older than the
-    migration may allow them) cannot be stepped past exactly; the keyset takes the
-    values that sort where the row does."""
+    """The cursor of a row. A row with a NULL time or device id (a portal table older
+    than the migration may allow them) has no key to step past; such rows sort last
+    in their transaction (a NULL device id last among its time's), and "infinity" or
+    "" stands in: the next read skips no row that has a key, and may send again the
+    keyed rows of that transaction and time (the Admin counts them as duplicates).
+    Another row without a key left in the same transaction stays behind; the Admin
+    would refuse it anyway."""
     xid, at, device = row[:3]
     if xid is None:
         return Cursor("legacy", 0, at or "infinity", device or "")
