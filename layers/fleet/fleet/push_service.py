@@ -46,8 +46,10 @@ _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 # it waits for the socket several times a page and needs the GIL back after each
 # wait, while this thread sends and keeps the books. At Python's default switch
 # interval (5 ms) each of those waits can last as long as this thread runs; with a
-# short one the reader takes each chunk as it arrives (by the benchmark, without a
-# network wait, 0.67 x COPY against 0.55 at the default). Process-wide, so it is
+# short one the reader takes each chunk as it arrives. By the benchmark it matters
+# where this thread is busy too: reading ahead of sends that answered at once, 0.58
+# x COPY against 0.55 at the default; with sends waiting 2 ms, 913k against 870k
+# rows/s (medians of five); with 5 or 20 ms, the same. Process-wide, so it is
 # shortened while some push reads ahead and restored after the last one.
 READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
 
