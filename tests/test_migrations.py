@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import re
 import shutil
 import threading
 from datetime import UTC, datetime, timedelta
@@ -17,6 +19,7 @@ def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
     return int(conn.execute(query, params).fetchone()[0])  # type: ignore[index]
 
 
+@pytest.mark.calendar
 def test_fresh_apply_then_reapply_is_a_no_op(empty_db: str) -> None:
     with psycopg.connect(empty_db, autocommit=True) as conn:
         first = migrate(conn, "admin", "postgres")
@@ -144,11 +147,27 @@ def _hourly(conn: psycopg.Connection, device: str) -> dict[datetime, tuple]:
     }
 
 
+def _expected_partition(conn: psycopg.Connection, t: datetime) -> str:
+    """Where the schema's own rule puts a row at ``t``: the archive before
+    ``archive_end``, else the weekly partition of its UTC week if one was made,
+    else the default partition. Asked of the database, so it holds on any day."""
+    archive_end, weekly = conn.execute(
+        "SELECT archive_end, to_regclass(format('fleet.%%I',"
+        " 'power_measurements_' || to_char(fleet.week_start(%s) AT TIME ZONE 'UTC', 'YYYYMMDD')))::text"
+        " FROM fleet.partition_settings",
+        (t,),
+    ).fetchone()  # type: ignore[misc]
+    if t < archive_end:
+        return "fleet.power_measurements_archive"
+    return weekly or "fleet.power_measurements_default"
+
+
+@pytest.mark.calendar
 def test_postgres_profile_takes_rows_of_any_age_and_tomorrow(admin_db_postgres: str) -> None:
     now = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
     times = [
         now - timedelta(days=730),  # two years back: the archive partition
-        now - timedelta(days=31),  # last month
+        now - timedelta(days=31),  # last month: archive or a weekly one, by the weekday
         now,
         now + timedelta(days=1),  # tomorrow
         now + timedelta(days=200),  # beyond the weeks made ahead: the default partition
@@ -161,16 +180,24 @@ def test_postgres_profile_takes_rows_of_any_age_and_tomorrow(admin_db_postgres: 
                 " VALUES (%s, 'C1', 'd1', 100, 1000), (%s, 'C1', 'd1', 300, 1250)",
                 (t, t + timedelta(minutes=30)),
             )
-        parts = dict(
-            conn.execute(
-                "SELECT tableoid::regclass::text, count(*) FROM fleet.power_measurements GROUP BY 1"
-            ).fetchall()
-        )
-        assert parts["fleet.power_measurements_archive"] == 2
-        assert parts["fleet.power_measurements_default"] == 2
-        assert sum(parts.values()) == 2 * len(times)
+        placed = conn.execute(
+            "SELECT time, tableoid::regclass::text FROM fleet.power_measurements ORDER BY time"
+        ).fetchall()
+        assert len(placed) == 2 * len(times)
+        for t, partition in placed:
+            assert partition == _expected_partition(conn, t), t
+        where = {partition for _, partition in placed}
+        # Every kind of home is exercised: the archive, a weekly partition, the default.
+        assert {"fleet.power_measurements_archive", "fleet.power_measurements_default"} <= where
+        assert any(p.startswith("fleet.power_measurements_2") for p in where)
+        # The archive ends on a Monday 00:00 UTC, at most five weeks before the migration.
+        archive_end = conn.execute("SELECT archive_end FROM fleet.partition_settings").fetchone()[0]  # type: ignore[index]
+        assert archive_end.astimezone(UTC).weekday() == 0
+        assert archive_end.astimezone(UTC).time().isoformat() == "00:00:00"
+        assert timedelta(weeks=4) <= datetime.now(UTC) - archive_end < timedelta(weeks=5)
 
 
+@pytest.mark.calendar
 def test_postgres_partition_maintenance_moves_rows_out_of_the_default(admin_db_postgres: str) -> None:
     far = datetime.now(UTC) + timedelta(days=200)
     with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
@@ -179,8 +206,10 @@ def test_postgres_partition_maintenance_moves_rows_out_of_the_default(admin_db_p
             "INSERT INTO fleet.power_measurements (time, customer_id, device_id) VALUES (%s, 'C1', 'd1')",
             (far,),
         )
+        # Exactly the row's UTC week (a day after it may already be the next week).
         created = conn.execute(
-            "SELECT fleet.ensure_measurement_partitions(%s, %s)", (far, far + timedelta(days=1))
+            "SELECT fleet.ensure_measurement_partitions(fleet.week_start(%s), fleet.week_start(%s) + interval '7 days')",
+            (far, far),
         ).fetchone()[0]  # type: ignore[index]
         assert created == 1
         where = conn.execute("SELECT tableoid::regclass::text FROM fleet.power_measurements").fetchone()[0]  # type: ignore[index]
@@ -188,6 +217,7 @@ def test_postgres_partition_maintenance_moves_rows_out_of_the_default(admin_db_p
         assert _count(conn, "SELECT count(*) FROM fleet.power_measurements_default") == 0
 
 
+@pytest.mark.calendar
 def test_timescale_profile_objects(admin_db_timescale: str) -> None:
     from fleet.profiles import ProfileSettings, apply_profile
 
@@ -258,3 +288,32 @@ def test_timescale_changed_policy_settings_alter_the_jobs(admin_db_timescale: st
             ProfileSettings.model_validate({"CompressAfter": "P14D", "RefreshStartOffset": "P45D"}),
         )
         assert again.changes == []
+
+
+@pytest.mark.parametrize("session_zone", ["UTC", "Europe/Berlin", "America/New_York", "Australia/Lord_Howe"])
+def test_weekly_partitions_stay_on_monday_utc_across_daylight_saving(admin_db_postgres: str, session_zone: str) -> None:
+    """Partitions made across both daylight-saving changes of a year, from a session
+    living in a zone that has them: each starts Monday 00:00 UTC, lasts 168 hours and
+    is named after its Monday, and running the maintenance again makes no overlap."""
+    span = (datetime(2027, 3, 1, tzinfo=UTC), datetime(2027, 11, 15, tzinfo=UTC))
+    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+        conn.execute("SELECT set_config('TimeZone', %s, false)", (session_zone,))
+        conn.execute("SELECT fleet.ensure_measurement_partitions(%s, %s)", span)
+        assert conn.execute("SELECT fleet.ensure_measurement_partitions(%s, %s)", span).fetchone() == (0,)
+        conn.execute("SET TimeZone = 'UTC'")
+        bounds = conn.execute(
+            "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i"
+            " JOIN pg_class c ON c.oid = i.inhrelid"
+            " WHERE i.inhparent = 'fleet.power_measurements'::regclass AND c.relname ~ '^power_measurements_[0-9]{8}$'"
+            " ORDER BY 1"
+        ).fetchall()
+    weeks = {}
+    for name, bound in bounds:
+        low, high = (datetime.fromisoformat(v) for v in re.findall(r"'([^']+)'", bound))
+        weeks[name] = (low, high)
+        assert low.weekday() == 0 and low.time().isoformat() == "00:00:00" and low.utcoffset() == timedelta(0), bound
+        assert high - low == timedelta(hours=168), bound
+        assert name == f"power_measurements_{low:%Y%m%d}"
+    lows = sorted(low for low, _ in weeks.values() if low >= span[0] - timedelta(days=7))
+    assert all(b - a == timedelta(days=7) for a, b in itertools.pairwise(lows))
+    assert lows[-1] >= datetime(2027, 11, 8, tzinfo=UTC)

@@ -172,6 +172,9 @@ def migrate(
         raise MigrationError(f"unknown role {role!r}")
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (_LOCK_KEY,))
+        # Migrations compute dates (the archive bound, the first weeks): in UTC,
+        # whatever the database's or the role's default time zone.
+        conn.execute("SET LOCAL TimeZone = 'UTC'")
         conn.execute(_BOOKKEEPING)
         profile = choose_profile(conn, role, requested)
         result = MigrationResult(role=role, profile=profile)
