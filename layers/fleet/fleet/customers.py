@@ -67,11 +67,14 @@ def rotate_token(conn: psycopg.Connection, customer_id: str, grace: timedelta = 
     """A new token; the current ones keep working until ``grace`` from now."""
     with conn.transaction():
         _require(conn, customer_id)
+        # In seconds: an interval in days is added in the session's time zone, and
+        # across a daylight-saving change "7 days" would be 167 or 169 hours.
+        seconds = grace.total_seconds()
         conn.execute(
-            "UPDATE fleet.customer_tokens SET expires_at = now() + %s::interval"
+            "UPDATE fleet.customer_tokens SET expires_at = now() + make_interval(secs => %s)"
             " WHERE customer_id = %s AND revoked_at IS NULL"
-            " AND (expires_at IS NULL OR expires_at > now() + %s::interval)",
-            (grace, customer_id, grace),
+            " AND (expires_at IS NULL OR expires_at > now() + make_interval(secs => %s))",
+            (seconds, customer_id, seconds),
         )
         issued = _issue(conn, customer_id)
         return issued
