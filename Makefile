@@ -52,6 +52,7 @@ build: sam-venv venv
 
 test: venv
 	@.ci/ensure-postgres
+	@.ci/ensure-faketime
 	$(BIN)/pytest
 
 demo: venv

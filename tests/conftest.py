@@ -186,6 +186,7 @@ def admin_db(pg_server: PgServer, admin_profile: str) -> Iterator[str]:
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    _summarise_dates(terminalreporter)
     server = _SERVER
     if server is None:
         return
@@ -201,3 +202,18 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
             red=True,
             bold=True,
         )
+
+
+def _summarise_dates(terminalreporter: pytest.TerminalReporter) -> None:
+    """Which dates the run's clock stood at: faked inside an any-day run, and the
+    any-day runs an ordinary session made."""
+    import test_any_day
+
+    faked = os.environ.get(test_any_day.MOMENT_ENV)
+    if faked:
+        terminalreporter.section("clock")
+        terminalreporter.write_line(f"faked by libfaketime to {faked} (TZ={os.environ.get('TZ', 'unset')})")
+    if test_any_day.RAN:
+        terminalreporter.section("calendar tests at hard dates")
+        for line in test_any_day.RAN:
+            terminalreporter.write_line(line)

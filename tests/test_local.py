@@ -274,6 +274,7 @@ def test_the_demo_scenario_passes_every_check(pg_server, profile: str, request: 
     assert result.batches > 3
 
 
+@pytest.mark.calendar
 def test_status_shows_each_customer_at_a_glance(admin_db_postgres: str, capsys) -> None:
     from fleet.status import fleet_status, render
 
