@@ -163,7 +163,7 @@ class IngestService:
             audit.rejected = len(parsed.rejects)
             audit.rejects = parsed.rejects
             audit.duration_ms = (time.perf_counter() - started) * 1000
-            self.connections.run(
+            written = self.connections.run(
                 lambda conn: self.store.write_batch(
                     conn, audit, parsed.batch_type, parsed.valid, parsed.valid_total, sha
                 )
@@ -181,15 +181,15 @@ class IngestService:
             self._audit_refusal(audit, 503, f"database error {exc.sqlstate or ''}".strip(), started)
             raise ServiceUnavailable("the batch could not be stored; retry later", retry_after=30) from exc
         self._count(audit)
-        return IngestResponse(
-            200,
-            {
-                "accepted": audit.accepted,
-                "duplicates": audit.duplicates,
-                "rejected": audit.rejected,
-                "errors": [{"index": r.index, "reason": r.reason} for r in parsed.rejects],
-            },
-        )
+        body: dict[str, Any] = {
+            "accepted": audit.accepted,
+            "duplicates": audit.duplicates,
+            "rejected": audit.rejected,
+            "errors": [{"index": r.index, "reason": r.reason} for r in parsed.rejects],
+        }
+        if parsed.batch_type is BatchType.DIGESTS:
+            body["differ"] = written.differ  # the device-days whose digests differ
+        return IngestResponse(200, body)
 
     def _audit_refusal(self, audit: AuditRecord, status: int, message: str, started: float) -> None:
         audit.status = status
@@ -226,7 +226,7 @@ class IngestService:
         try:
             batch_type = BatchType(headers.get("x-batch-type", ""))
         except ValueError:
-            raise BadRequest("X-Batch-Type must be one of: sites, devices, measurements") from None
+            raise BadRequest(f"X-Batch-Type must be one of: {', '.join(BatchType)}") from None
         audit.batch_id = _batch_id(headers.get("x-batch-id"))
         cursor = headers.get("x-push-cursor")
         if cursor is not None and len(cursor) > _MAX_CURSOR:
@@ -422,7 +422,7 @@ def _unique(batch_type: BatchType, models: Sequence[Any]) -> list[Any]:
         # Repeats inside the batch are left to ON CONFLICT DO NOTHING, which keeps
         # the first and counts the rest as duplicates.
         return list(models)
-    latest: dict[str, Any] = {}
+    latest: dict[Any, Any] = {}
     for item in models:
-        latest[item["id"]] = item
+        latest[(item["device_id"], item["day"]) if batch_type is BatchType.DIGESTS else item["id"]] = item
     return list(latest.values())

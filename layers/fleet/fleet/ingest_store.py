@@ -19,6 +19,7 @@ import psycopg
 
 from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
 from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
+from fleet.reconcile_store import compare_digests
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,7 @@ class WriteOutcome:
     duplicates: int
     min_time: datetime | None = None
     max_time: datetime | None = None
+    differ: list[dict[str, Any]] = field(default_factory=list)  # digests: the device-days that differ
 
 
 def find_token_owner(conn: psycopg.Connection, token_sha256: bytes) -> TokenOwner | None:
@@ -125,6 +127,9 @@ class IngestStore:
             _timeouts(conn, self.statement_timeout_ms)
             if batch_type is BatchType.MEASUREMENTS:
                 outcome = self._measurements(conn, audit.customer_id, items)  # type: ignore[arg-type]
+            elif batch_type is BatchType.DIGESTS:
+                compared = compare_digests(conn, audit.customer_id, items)
+                outcome = WriteOutcome(compared.compared, 0, differ=compared.differ)
             elif batch_type is BatchType.SITES:
                 outcome = WriteOutcome(*_upsert_sites(conn, audit.customer_id, items))  # type: ignore[arg-type]
             else:

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -35,6 +35,9 @@ from fleet.observability import logger, metrics
 from fleet.push_source import Cursor, MeasurementPage
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
+
+if TYPE_CHECKING:
+    from fleet.push_digests import DigestPush
 
 BACKOFF_BASE_S = 60.0
 BACKOFF_CAP_S = 1800.0
@@ -167,6 +170,7 @@ class PushService:
         checkpoints: Checkpoints | None = None,
         read_ahead: bool = True,
         time_budget_s: float | None = None,
+        digests: DigestPush | None = None,
     ) -> None:
         self._connect = connect
         self.state = state
@@ -182,6 +186,7 @@ class PushService:
         # A backlog drains as fast as the server takes it, but a tick reads no new
         # batch after this many seconds (None: only max_batches ends it).
         self.time_budget_s = time_budget_s
+        self.digests = digests  # reconciliation, after the measurements (None: off)
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
         """One pass over sites, devices and measurements. ``time_budget_s`` overrides
@@ -194,6 +199,8 @@ class PushService:
         with self._connect() as conn:
             for resource in RESOURCES:
                 report.resources[resource] = self._run_resource(conn, resource, owner, deadline)
+            if self.digests is not None and not conn.broken:
+                report.resources["digests"] = self.digests.run(conn, owner, deadline)
         return report
 
     # -- one resource ---------------------------------------------------------------

@@ -7,6 +7,8 @@ from typing import Any
 
 import psycopg
 
+from fleet import reconcile_store
+
 # Per customer, from the audit trail (indexed by customer and time) rather than a
 # scan of the measurements: rows accepted in the last hour and day, the share of
 # them that arrived back-dated (batches whose oldest row was over an hour old),
@@ -30,7 +32,9 @@ ORDER BY c.id
 
 def fleet_status(conn: psycopg.Connection) -> list[dict[str, Any]]:
     keys = ("id", "name", "status", "last_seen_at", "rows_1h", "rows_1d", "late_1d", "refused_1d", "newest")
-    return [dict(zip(keys, row, strict=True)) for row in conn.execute(_QUERY)]
+    rows = [dict(zip(keys, row, strict=True)) for row in conn.execute(_QUERY)]
+    reconcile_store.add_verification(conn, rows)  # "verified through", open mismatches
+    return rows
 
 
 def _ago(when: datetime | None, now: datetime) -> str:
@@ -62,4 +66,5 @@ def render(rows: list[dict[str, Any]], now: datetime) -> str:
         )
     if not rows:
         lines.append("(no customers yet: fleet customers create ID --name NAME)")
+    lines.extend(reconcile_store.verification_lines(rows))
     return "\n".join(lines)

@@ -1,0 +1,303 @@
+"""Reconciliation end to end: the real push (digests, healing) against the real
+ingest over local HTTP, a real Client database and a real Admin database of each
+profile; DynamoDB from moto.
+
+The portal holds three meters over four UTC days (a reading every 15 minutes); the
+push's clock stands a few days after them, so every day is inside the re-check
+horizon.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+import boto3
+import ingest
+import psycopg
+import push
+import pytest
+from fleet import config, customers
+from fleet.local_api import Route, serving
+from fleet.push_digests import DigestPush, DigestSettings
+from fleet.push_service import PushService
+from fleet.push_state import PushStateStore
+from fleet.push_transport import IngestClient
+from fleet.status import fleet_status, render
+from moto import mock_aws
+from support import Clock, make_push_service
+
+INGEST_PATH = "/api/fleet/ingest"
+DEVICES = ("meter-1", "meter-2", "meter-3")
+FIRST_DAY = date(2026, 11, 2)
+DAYS = 4
+PER_DAY = 96
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield boto3.resource("dynamodb", region_name="eu-west-1").create_table(
+            TableName="push-state",
+            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )
+
+
+def _reset() -> None:
+    config.cached.cache_clear()
+    ingest.service.cache_clear()
+    push.service.cache_clear()
+
+
+@dataclass
+class Admin:
+    url: str
+    server_url: str
+    token: str
+
+    def execute(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            cur = conn.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def rows(self) -> set[tuple[Any, ...]]:
+        return set(self.execute("SELECT time, device_id, power_w, energy_wh FROM fleet.power_measurements"))
+
+    def last_event(self) -> int:
+        return int(self.execute("SELECT coalesce(max(id), 0) FROM fleet.ingest_events")[0][0])
+
+    def measurements_sent_since(self, event_id: int) -> tuple[int, int]:
+        """(accepted, accepted + duplicates) of the measurement batches after an event."""
+        row = self.execute(
+            "SELECT coalesce(sum(accepted), 0), coalesce(sum(accepted + duplicates), 0) FROM fleet.ingest_events"
+            " WHERE id > %s AND batch_type = 'measurements' AND status = 200",
+            event_id,
+        )[0]
+        return int(row[0]), int(row[1])
+
+    def outcome(self, device: str, day: date) -> tuple[str, datetime] | None:
+        rows = self.execute(
+            "SELECT outcome, checked_at FROM fleet.reconciliation WHERE customer_id = 'DEV0001'"
+            " AND device_id = %s AND day = %s",
+            device,
+            day,
+        )
+        return rows[0] if rows else None
+
+
+@pytest.fixture
+def admin(admin_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
+    monkeypatch.setenv("DATABASE_URL", admin_db)
+    _reset()
+    with psycopg.connect(admin_db, autocommit=True) as conn:
+        token = customers.create(conn, "DEV0001", "Dev").token
+    routes = [Route("POST", INGEST_PATH, ingest.handler), Route("GET", f"{INGEST_PATH}/state", ingest.handler)]
+    with serving(routes) as api:
+        yield Admin(admin_db, api.url + INGEST_PATH, token)
+    _reset()
+
+
+def _day_start(day: date) -> datetime:
+    return datetime(day.year, day.month, day.day, tzinfo=UTC)
+
+
+def fill_portal(url: str) -> None:
+    with psycopg.connect(url) as conn:
+        for device in DEVICES:
+            conn.execute(
+                "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh, voltage_v)"
+                " SELECT %s + g * interval '15 minutes', %s, mod(g, 50) * 1.5, g * 10.25, CASE WHEN mod(g, 7) = 0"
+                " THEN NULL ELSE 230.1 END FROM generate_series(0, %s) g",
+                (_day_start(FIRST_DAY), device, DAYS * PER_DAY - 1),
+            )
+
+
+def portal_rows(url: str) -> set[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return set(conn.execute("SELECT time, device_id, power_w, energy_wh FROM monitoring.power_measurements"))
+
+
+def service_for(
+    client_db: str, table: Any, admin: Admin, clock: Clock, **settings: Any
+) -> PushService:
+    settings.setdefault("horizon_days", 10)
+    settings.setdefault("period_s", 300.0)
+    settings.setdefault("alarm_ticks", 3)
+    digests = DigestPush(
+        PushStateStore(table),
+        IngestClient(admin.server_url, admin.token, 2.0, 10.0),
+        DigestSettings(**settings),
+        clock,
+        lambda: 1.0,
+        120,
+    )
+    return make_push_service(client_db, table, admin.server_url, admin.token, clock, batch_size=500, digests=digests)
+
+
+def ticks(service: PushService, clock: Clock, n: int) -> list[dict[str, Any]]:
+    reports = []
+    for _ in range(n):
+        reports.append(service.tick().as_dict())
+        clock.advance(60)
+    return reports
+
+
+def verified(admin: Admin) -> dict[str, int]:
+    return dict(
+        (o, int(n))
+        for o, n in admin.execute("SELECT outcome, count(*) FROM fleet.reconciliation GROUP BY outcome")
+    )
+
+
+@pytest.fixture
+def synced(aws: Any, admin: Admin, client_db: str) -> tuple[PushService, Clock]:
+    """Every row pushed and every device-day digested and matched."""
+    fill_portal(client_db)
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    service = service_for(client_db, aws, admin, clock)
+    reports = ticks(service, clock, 8)
+    assert reports[0]["digests"]["outcome"] == "pushed"
+    assert admin.rows() == portal_rows(client_db)
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}
+    return service, clock
+
+
+def test_the_digests_of_an_exact_copy_all_match_on_both_profiles(synced, admin: Admin) -> None:
+    # The portal's digest and the Admin's, computed apart, agree row for row.
+    rows = admin.execute("SELECT portal_count, portal_hash, admin_count, admin_hash FROM fleet.reconciliation")
+    assert all(r[0] == r[2] == PER_DAY and r[1] == r[3] and r[1] != "v1:0:0" for r in rows)
+    assert len({r[1] for r in rows}) == len(rows)  # other rows, other hashes
+
+
+def test_rows_deleted_from_one_device_day_on_the_admin_are_healed_with_nothing_else_resent(
+    synced, admin: Admin, client_db: str
+) -> None:
+    service, clock = synced
+    day = FIRST_DAY + timedelta(days=1)
+    admin.execute(
+        "DELETE FROM fleet.power_measurements WHERE device_id = 'meter-2' AND time >= %s AND time < %s"
+        " AND extract(minute FROM time) = 0",
+        _day_start(day),
+        _day_start(day + timedelta(days=1)),
+    )
+    before = admin.last_event()
+    healed_after = None
+    for n in range(12):
+        ticks(service, clock, 1)
+        if admin.rows() == portal_rows(client_db) and (admin.outcome("meter-2", day) or ("",))[0] == "matched":
+            healed_after = n + 1
+            break
+    assert healed_after is not None and healed_after <= 10, "not healed within the ticks"
+    accepted, sent = admin.measurements_sent_since(before)
+    assert accepted == 24  # the rows deleted (one an hour)...
+    assert sent == PER_DAY  # ...and the rest of that device-day only, as duplicates
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}
+
+
+def test_a_whole_day_deleted_for_every_device_is_healed(synced, admin: Admin, client_db: str) -> None:
+    service, clock = synced
+    day = FIRST_DAY + timedelta(days=2)
+    admin.execute(
+        "DELETE FROM fleet.power_measurements WHERE time >= %s AND time < %s",
+        _day_start(day),
+        _day_start(day + timedelta(days=1)),
+    )
+    before = admin.last_event()
+    for _ in range(12):
+        ticks(service, clock, 1)
+        if admin.rows() == portal_rows(client_db) and verified(admin) == {"matched": len(DEVICES) * DAYS}:
+            break
+    assert admin.rows() == portal_rows(client_db)
+    assert admin.measurements_sent_since(before) == (len(DEVICES) * PER_DAY, len(DEVICES) * PER_DAY)
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}
+
+
+def test_an_extra_row_on_the_admin_is_reported_and_kept(synced, admin: Admin) -> None:
+    service, clock = synced
+    day = FIRST_DAY + timedelta(days=3)
+    extra = _day_start(day) + timedelta(minutes=7)
+    admin.execute(
+        "INSERT INTO fleet.power_measurements (time, customer_id, device_id, power_w) VALUES (%s, 'DEV0001', 'meter-1', 1)",
+        extra,
+    )
+    before = admin.last_event()
+    reports = ticks(service, clock, 12)
+    found = admin.outcome("meter-1", day)
+    assert found is not None and found[0] == "extra"
+    assert admin.execute("SELECT portal_count, admin_count FROM fleet.reconciliation WHERE outcome = 'extra'") == [
+        (PER_DAY, PER_DAY + 1)
+    ]
+    assert admin.execute("SELECT count(*) FROM fleet.power_measurements WHERE time = %s", extra) == [(1,)]
+    assert admin.measurements_sent_since(before) == (0, 0)  # nothing re-sent for it
+    assert any(r["digests"]["outcome"] == "pushed" for r in reports)
+    # Seen: fleet status names it, and the day before it is the last verified.
+    with psycopg.connect(admin.url) as conn:
+        rows = fleet_status(conn)
+    assert rows[0]["verified_through"] == day - timedelta(days=1)
+    assert rows[0]["open_mismatches"] == 1
+    text = render(rows, datetime.now(UTC))
+    assert f"verified through {(day - timedelta(days=1)).isoformat()}" in text
+    assert f"{day.isoformat()} meter-1: extra (portal {PER_DAY} rows, admin {PER_DAY + 1})" in text
+
+
+def test_a_mismatch_left_unhealed_counts_for_the_alarm_after_the_configured_ticks(synced, admin: Admin) -> None:
+    service, clock = synced
+    digests = service.digests
+    assert digests is not None
+    day = FIRST_DAY + timedelta(days=3)
+    admin.execute(
+        "INSERT INTO fleet.power_measurements (time, customer_id, device_id) VALUES (%s, 'DEV0001', 'meter-3')",
+        _day_start(day) + timedelta(minutes=1),
+    )
+    seen: list[float] = []
+    import fleet.push_digests as module
+
+    original = module.metrics.add_metric
+
+    def record(name: str, unit: str, value: float) -> None:
+        if name == "ReconcileUnhealed":
+            seen.append(value)
+        original(name=name, unit=unit, value=value)
+
+    module.metrics.add_metric = record  # type: ignore[method-assign]
+    try:
+        ticks(service, clock, 14)
+    finally:
+        module.metrics.add_metric = original  # type: ignore[method-assign]
+    assert seen and seen[0] == 0
+    assert seen[-1] == 1
+
+
+def test_a_back_fill_into_an_old_day_is_verified_again(aws: Any, admin: Admin, client_db: str) -> None:
+    fill_portal(client_db)
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    # A long period: the rolling re-check does not come back during the test.
+    service = service_for(client_db, aws, admin, clock, period_s=86_400.0)
+    ticks(service, clock, 3)
+    day = FIRST_DAY
+    first = admin.outcome("meter-3", day)
+    neighbour = admin.outcome("meter-1", day)
+    assert first is not None and first[0] == "matched"
+    with psycopg.connect(client_db) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w) VALUES (%s, 'meter-3', 42.5)",
+            (_day_start(day) + timedelta(minutes=3),),
+        )
+    reports = ticks(service, clock, 2)
+    assert reports[0]["measurements"]["rows"] == 1
+    again = admin.outcome("meter-3", day)
+    assert again is not None and again[0] == "matched" and again[1] > first[1]
+    assert admin.execute(
+        "SELECT portal_count FROM fleet.reconciliation WHERE device_id = 'meter-3' AND day = %s", day
+    ) == [(PER_DAY + 1,)]
+    # The other device-days of that day were not digested again.
+    assert admin.outcome("meter-1", day) == neighbour
