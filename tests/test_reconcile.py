@@ -9,6 +9,7 @@ horizon.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -19,7 +20,10 @@ import ingest
 import psycopg
 import push
 import pytest
+import urllib3
+from contract import check_response
 from fleet import config, customers
+from fleet import push_digests as module
 from fleet.local_api import Route, serving
 from fleet.push_digests import DigestPush, DigestSettings
 from fleet.push_service import PushService
@@ -124,9 +128,7 @@ def portal_rows(url: str) -> set[tuple[Any, ...]]:
         return set(conn.execute("SELECT time, device_id, power_w, energy_wh FROM monitoring.power_measurements"))
 
 
-def service_for(
-    client_db: str, table: Any, admin: Admin, clock: Clock, **settings: Any
-) -> PushService:
+def service_for(client_db: str, table: Any, admin: Admin, clock: Clock, **settings: Any) -> PushService:
     settings.setdefault("horizon_days", 10)
     settings.setdefault("period_s", 300.0)
     settings.setdefault("alarm_ticks", 3)
@@ -151,8 +153,7 @@ def ticks(service: PushService, clock: Clock, n: int) -> list[dict[str, Any]]:
 
 def verified(admin: Admin) -> dict[str, int]:
     return dict(
-        (o, int(n))
-        for o, n in admin.execute("SELECT outcome, count(*) FROM fleet.reconciliation GROUP BY outcome")
+        (o, int(n)) for o, n in admin.execute("SELECT outcome, count(*) FROM fleet.reconciliation GROUP BY outcome")
     )
 
 
@@ -258,8 +259,6 @@ def test_a_mismatch_left_unhealed_counts_for_the_alarm_after_the_configured_tick
         _day_start(day) + timedelta(minutes=1),
     )
     seen: list[float] = []
-    import fleet.push_digests as module
-
     original = module.metrics.add_metric
 
     def record(name: str, unit: str, value: float) -> None:
@@ -301,3 +300,49 @@ def test_a_back_fill_into_an_old_day_is_verified_again(aws: Any, admin: Admin, c
     ) == [(PER_DAY + 1,)]
     # The other device-days of that day were not digested again.
     assert admin.outcome("meter-1", day) == neighbour
+
+
+# --- the digests batch type, as the contract defines it ------------------------------
+
+
+def _post_digests(admin: Admin, items: Any, token: str | None = None) -> tuple[int, dict[str, Any]]:
+    body = json.dumps({"items": items}).encode()
+    headers = {"X-Customer-Token": token or admin.token, "X-Batch-Type": "digests", "Content-Type": "application/json"}
+    resp = urllib3.request("POST", admin.server_url, body=body, headers=headers, retries=False)
+    doc = json.loads(resp.data)
+    check_response("POST", INGEST_PATH, resp.status, dict(resp.headers), doc)
+    return resp.status, doc
+
+
+def test_a_digests_batch_is_compared_recorded_audited_and_answered_by_the_contract(admin: Admin) -> None:
+    day = date(2026, 11, 5)
+    admin.execute(
+        "INSERT INTO fleet.power_measurements (time, customer_id, device_id, power_w) VALUES (%s, 'DEV0001', 'm1', 1)",
+        _day_start(day),
+    )
+    items = [
+        {"device_id": "m1", "day": day.isoformat(), "count": 2, "hash": "v1:1:2"},  # the Admin holds one
+        {"device_id": "m2", "day": day.isoformat(), "count": 0, "hash": "v1:0:0"},  # both hold none
+        {"device_id": "m3", "day": "2026-11-31", "count": 1, "hash": "v1:1:1"},  # no such day
+        {"device_id": "m4", "day": day.isoformat(), "count": -1, "hash": "sha1:x"},
+    ]
+    status, body = _post_digests(admin, items)
+    assert status == 200
+    assert body["accepted"] == 2 and body["rejected"] == 2
+    assert [e["index"] for e in body["errors"]] == [2, 3]
+    assert body["differ"] == [
+        {"device_id": "m1", "day": day.isoformat(), "outcome": "missing", "portal_count": 2, "admin_count": 1}
+    ]
+    # Sent again: the same answer, the same rows (one per device-day), a second audit row.
+    assert _post_digests(admin, items)[1]["differ"] == body["differ"]
+    assert admin.execute("SELECT device_id, outcome FROM fleet.reconciliation ORDER BY 1") == [
+        ("m1", "missing"),
+        ("m2", "matched"),
+    ]
+    assert admin.execute(
+        "SELECT count(*), sum(accepted), sum(rejected) FROM fleet.ingest_events WHERE batch_type = 'digests'"
+    ) == [(2, 4, 4)]
+    assert admin.execute("SELECT count(*) FROM fleet.quarantine WHERE batch_type = 'digests'") == [(4,)]
+    # Nothing was deleted, and a stranger is refused.
+    assert admin.execute("SELECT count(*) FROM fleet.power_measurements") == [(1,)]
+    assert _post_digests(admin, items, token="flt_wrong")[0] == 401

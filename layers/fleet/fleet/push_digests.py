@@ -67,9 +67,7 @@ _SOME_DEVICES = " AND device_id = ANY(%(devices)s::text[])"
 def _day_rows(phase: str, some_devices: bool) -> str:
     """The ingestible rows of one day the cursor has passed (of some devices)."""
     devices = _SOME_DEVICES if some_devices else ""
-    return (
-        f"FROM {_TABLE} WHERE time >= %(start)s AND time < %(end)s AND {_BEHIND[phase]} AND {_INGESTIBLE}{devices}"
-    )
+    return f"FROM {_TABLE} WHERE time >= %(start)s AND time < %(end)s AND {_BEHIND[phase]} AND {_INGESTIBLE}{devices}"
 
 
 def _digest_sql(phase: str, some_devices: bool) -> str:
@@ -300,8 +298,10 @@ class DigestPush:
         position = Cursor.decode(doc.position)
         pending = set(doc.pending)
         chunks = 0
-        while len(pending) < self.settings.max_pending and chunks < self.settings.scan_chunks and (
-            self.clock() < deadline
+        while (
+            len(pending) < self.settings.max_pending
+            and chunks < self.settings.scan_chunks
+            and (self.clock() < deadline)
         ):
             if position.phase == "xid" and cursor.phase == "legacy":
                 break
@@ -454,7 +454,9 @@ class DigestPush:
                 if count < size:
                     break
             healed.add(key)
-            logger.info("device-day re-sent", extra={"device_id": device, "day": day.isoformat(), "outcome": d["outcome"]})
+            logger.info(
+                "device-day re-sent", extra={"device_id": device, "day": day.isoformat(), "outcome": d["outcome"]}
+            )
         return healed
 
     def _post(
