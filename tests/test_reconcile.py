@@ -346,3 +346,25 @@ def test_a_digests_batch_is_compared_recorded_audited_and_answered_by_the_contra
     # Nothing was deleted, and a stranger is refused.
     assert admin.execute("SELECT count(*) FROM fleet.power_measurements") == [(1,)]
     assert _post_digests(admin, items, token="flt_wrong")[0] == 401
+
+
+def test_a_portal_row_written_with_a_null_cursor_column_is_found_and_sent(synced, admin: Admin, client_db: str) -> None:
+    # Behind the cursor for ever (the legacy phase is long past): the push alone
+    # would never send it; the rolling re-check finds its day short of a row.
+    service, clock = synced
+    at = _day_start(FIRST_DAY) + timedelta(minutes=5)
+    with psycopg.connect(client_db) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w, push_xid)"
+            " VALUES (%s, 'meter-2', 7.5, NULL)",
+            (at,),
+        )
+    before = admin.last_event()
+    for _ in range(12):
+        ticks(service, clock, 1)
+        if admin.execute("SELECT count(*) FROM fleet.power_measurements WHERE time = %s", at) == [(1,)]:
+            break
+    assert admin.rows() == portal_rows(client_db)
+    assert admin.measurements_sent_since(before) == (1, PER_DAY + 1)
+    ticks(service, clock, 1)
+    assert admin.outcome("meter-2", FIRST_DAY)[0] == "matched"  # type: ignore[index]
