@@ -368,3 +368,28 @@ def test_a_portal_row_written_with_a_null_cursor_column_is_found_and_sent(synced
     assert admin.measurements_sent_since(before) == (1, PER_DAY + 1)
     ticks(service, clock, 1)
     assert admin.outcome("meter-2", FIRST_DAY)[0] == "matched"  # type: ignore[index]
+
+
+def test_a_digests_failure_backs_off_on_its_own_and_the_measurements_go_on(
+    synced, admin: Admin, client_db: str
+) -> None:
+    service, clock = synced
+    admin.execute("ALTER TABLE fleet.reconciliation RENAME TO reconciliation_away")
+    with psycopg.connect(client_db) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w) VALUES (%s, 'meter-1', 1)",
+            (_day_start(FIRST_DAY + timedelta(days=DAYS)),),
+        )
+    failed_at = clock.now
+    (first,) = ticks(service, clock, 1)
+    assert first["digests"]["outcome"] == "failed" and "503" in first["digests"]["detail"]
+    assert first["measurements"]["rows"] == 1
+    assert admin.rows() == portal_rows(client_db)
+    doc = json.loads(service.state.table.get_item(Key={"resource": "digests"})["Item"]["reconcile"])
+    assert doc["failures"] == 1
+    assert doc["next_attempt_at"] == pytest.approx(failed_at + 30, abs=5)  # the 503's Retry-After
+    # Once the Admin answers again, the day that changed meanwhile is digested.
+    admin.execute("ALTER TABLE fleet.reconciliation_away RENAME TO reconciliation")
+    clock.advance(120)
+    ticks(service, clock, 2)
+    assert admin.outcome("meter-1", FIRST_DAY + timedelta(days=DAYS))[0] == "matched"  # type: ignore[index]
