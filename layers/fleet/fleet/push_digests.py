@@ -27,7 +27,7 @@ import json
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -164,7 +164,10 @@ class DigestState:
 
     @classmethod
     def loads(cls, text: str | None) -> DigestState:
-        return cls(**json.loads(text)) if text else cls()
+        if not text:
+            return cls()
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
 
     def dumps(self) -> str:
         return json.dumps(vars(self), separators=(",", ":"), sort_keys=True)
@@ -229,7 +232,7 @@ class DigestPush:
                 doc.failures += 1
                 delay = backoff_delay(doc.failures, self.rng) if wait is None else min(wait, 3600.0)
                 doc.next_attempt_at = self.clock() + delay
-                doc.last_error = f"{type(exc).__name__}: {exc}"[:500]
+                doc.last_error = (str(exc) if isinstance(exc, _Stop) else f"{type(exc).__name__}: {exc}")[:500]
                 rep.outcome, rep.detail = "failed", doc.last_error
                 metrics.add_metric(name="PushFailures", unit="Count", value=1)
                 logger.warning("digests failed; backing off", extra={"error": doc.last_error})
@@ -238,7 +241,10 @@ class DigestPush:
             rep.outcome, rep.detail = "failed", f"{type(exc).__name__}: {exc}"[:500]
             logger.exception("digests failed")
         finally:
-            self.state.release(RESOURCE, owner)
+            try:
+                self.state.release(RESOURCE, owner)
+            except ClientError as exc:  # the lease runs out by itself
+                logger.warning("could not release the digests lease", extra={"error": str(exc)})
         return rep
 
     def _save(self, doc: DigestState, owner: str, version: int) -> None:
