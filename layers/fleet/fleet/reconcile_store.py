@@ -2,40 +2,43 @@
 the Admin's own digest of the same device-days, the outcome recorded in
 ``fleet.reconciliation``, and what ``fleet status`` shows of it.
 
-One statement per batch: the portal's digests travel as arrays, the Admin's are
-computed per device-day by a lateral read of that customer's, device's and day's
-rows (the measurement key's time range, with the customer and device checked in the
-same index; partitions and chunks outside the day are never opened), compared,
-upserted, and the device-days that differ come back.
+One statement per day of the batch computes the Admin's digests of the devices asked
+(a lateral read per device-day, with the day known only at run time, opened every
+partition or chunk for each: 1.9 x slower at 10 M rows than at 1 M, 4.7 x in the
+columnstore, by the growth benchmark); one more records the outcomes, the portal's
+and the Admin's digests travelling as arrays, and returns the device-days that differ.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import date
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from fleet.reconcile import ADMIN_COLUMNS, digest_sql, outcome_sql, row_hash_sql
+from fleet.reconcile import ADMIN_COLUMNS, EMPTY_HASH, digest_sql, outcome_sql, row_hash_sql
 
-_COMPARE = f"""
-WITH portal AS (
-    SELECT * FROM unnest(%(devices)s::text[], %(days)s::date[], %(counts)s::bigint[], %(hashes)s::text[])
-        AS p(device_id, day, portal_count, portal_hash)
-), compared AS (
-    SELECT p.*, a.count AS admin_count, a.hash AS admin_hash,
-           {outcome_sql("p.portal_count", "p.portal_hash", "a.count", "a.hash")} AS outcome
-    FROM portal p
-    CROSS JOIN LATERAL (
-        SELECT {digest_sql("r.h")}
-        FROM (SELECT {row_hash_sql(ADMIN_COLUMNS)} AS h
-              FROM fleet.power_measurements m
-              WHERE m.time >= p.day::timestamp AT TIME ZONE 'UTC'
-                AND m.time < (p.day + 1)::timestamp AT TIME ZONE 'UTC'
-                AND m.customer_id = %(customer)s AND m.device_id = p.device_id) r
-    ) a
+# The Admin's digests of one day, of the devices asked: one read of the day's range
+# of the measurement key, its bounds known when the statement is planned (so only
+# that day's partition or chunks are opened; in the columnstore, only the segments of
+# this customer's devices).
+_ADMIN_DAY = f"""
+SELECT device_id, {digest_sql("r.h")}
+FROM (SELECT m.device_id, {row_hash_sql(ADMIN_COLUMNS)} AS h
+      FROM fleet.power_measurements m
+      WHERE m.time >= %(start)s AND m.time < %(end)s
+        AND m.customer_id = %(customer)s AND m.device_id = ANY(%(devices)s::text[])) r
+GROUP BY device_id
+"""
+
+_RECORD = f"""
+WITH compared AS (
+    SELECT p.*, {outcome_sql("p.portal_count", "p.portal_hash", "p.admin_count", "p.admin_hash")} AS outcome
+    FROM unnest(%(devices)s::text[], %(days)s::date[], %(counts)s::bigint[], %(hashes)s::text[],
+                %(admin_counts)s::bigint[], %(admin_hashes)s::text[])
+        AS p(device_id, day, portal_count, portal_hash, admin_count, admin_hash)
 ), recorded AS (
     INSERT INTO fleet.reconciliation AS r (customer_id, device_id, day, portal_count, portal_hash,
                                            admin_count, admin_hash, outcome, checked_at, mismatch_since)
@@ -68,14 +71,26 @@ def compare_digests(conn: psycopg.Connection, customer_id: str, items: Sequence[
     Admin's, record each outcome, and return the device-days that differ."""
     if not items:
         return Comparison(0)
+    by_day: dict[date, list[str]] = {}
+    for d in items:
+        by_day.setdefault(d["day"], []).append(d["device_id"])
+    admin: dict[tuple[str, date], tuple[int, str]] = {}
+    for day, devices in by_day.items():
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        params = {"start": start, "end": start + timedelta(days=1), "customer": customer_id, "devices": devices}
+        for device, count, hash_text in conn.execute(_ADMIN_DAY, params).fetchall():
+            admin[(device, day)] = (int(count), hash_text)
+    theirs = [admin.get((d["device_id"], d["day"]), (0, EMPTY_HASH)) for d in items]
     rows = conn.execute(
-        _COMPARE,
+        _RECORD,
         {
             "customer": customer_id,
             "devices": [d["device_id"] for d in items],
             "days": [d["day"] for d in items],
             "counts": [d["count"] for d in items],
             "hashes": [d["hash"] for d in items],
+            "admin_counts": [t[0] for t in theirs],
+            "admin_hashes": [t[1] for t in theirs],
         },
     ).fetchall()
     differ = [
