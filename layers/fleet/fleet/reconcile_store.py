@@ -2,11 +2,11 @@
 the Admin's own digest of the same device-days, the outcome recorded in
 ``fleet.reconciliation``, and what ``fleet status`` shows of it.
 
-One statement per day of the batch computes the Admin's digests of the devices asked
-(a lateral read per device-day, with the day known only at run time, opened every
-partition or chunk for each: 1.9 x slower at 10 M rows than at 1 M, 4.7 x in the
-columnstore, by the growth benchmark); one more records the outcomes, the portal's
-and the Admin's digests travelling as arrays, and returns the device-days that differ.
+One statement per day of the batch computes the Admin's digests of the devices asked,
+its day bound when it is planned (a lateral read per device-day, its day known only
+at run time, opened every partition or chunk for each; bench/README.md has the
+figures); one more records the outcomes, the portal's and the Admin's digests
+travelling as arrays, and returns the device-days that differ.
 """
 
 from __future__ import annotations
