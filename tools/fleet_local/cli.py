@@ -118,14 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_local_commands(sub: Any) -> None:
-    """``local``, ``demo`` and ``status`` live in their own modules (dev tooling)."""
-    import importlib
+    """``local``, ``demo`` and ``status`` live in a module of their own."""
+    from fleet_local import local_commands
 
-    try:
-        local_cli = importlib.import_module("fleet.local_cli")
-    except ImportError:  # the Lambda layer does not need them
-        return
-    local_cli.register(sub)
+    local_commands.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from fleet.local_runner import (
+from fleet_local.runner import (
     DEFAULT_TEMPLATE,
     LocalStack,
     embedded_dynamodb,
@@ -35,7 +35,7 @@ from fleet.local_runner import (
     run_schedules,
     serve_api,
 )
-from fleet.sam_template import Template
+from fleet_local.template import Template
 
 EVENTS = DEFAULT_TEMPLATE.parent / "events"
 CUSTOMER = "DEV0001"
@@ -81,7 +81,7 @@ def _say(out: Callable[[str], None], text: str) -> None:
 @contextmanager
 def _databases(server_url: str | None) -> Iterator[tuple[str, str]]:
     """Two databases, Admin and Client, on the given server or a throwaway cluster."""
-    from fleet.localdb import LocalCluster
+    from fleet_local.cluster import LocalCluster
 
     with ExitStack() as stack:
         if server_url is None:
@@ -109,7 +109,7 @@ def _databases(server_url: str | None) -> Iterator[tuple[str, str]]:
 
 
 def _bootstrap(stack: LocalStack) -> dict[str, Any]:
-    from fleet.local_api import Route, serving
+    from fleet_local.api import Route, serving
 
     event = json.loads((EVENTS / "bootstrap" / "create.json").read_text())
     # The properties CloudFormation would send: the template's custom resource's.

@@ -54,8 +54,8 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
-    from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack
-    from fleet.sam_template import Template, read_env_vars_file
+    from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack
+    from fleet_local.template import Template, read_env_vars_file
 
     overrides = dict(item.split("=", 1) for item in args.parameter_overrides)
     if role_hint and "Mode" not in overrides:
@@ -67,7 +67,7 @@ def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
 def _with_database(stack: Any, exit_stack: ExitStack, role: str) -> None:
     """The embedded default: DATABASE_URL from the env-vars file or the shell,
     else a throwaway cluster with a migrated database of the role."""
-    from fleet.local_runner import embedded_database
+    from fleet_local.runner import embedded_database
 
     params = stack.env_vars.setdefault("Parameters", {})
     given = params.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
@@ -78,7 +78,7 @@ def _with_database(stack: Any, exit_stack: ExitStack, role: str) -> None:
 
 
 def _cmd_invoke(args: argparse.Namespace) -> int:
-    from fleet.local_runner import InvokeError, local_aws_env
+    from fleet_local.runner import InvokeError, local_aws_env
 
     local_aws_env()
     event = json.loads(args.event.read_text()) if args.event else {}
@@ -98,7 +98,7 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_start_api(args: argparse.Namespace) -> int:
-    from fleet.local_runner import local_aws_env, serve_api, wait_forever
+    from fleet_local.runner import local_aws_env, serve_api, wait_forever
 
     local_aws_env()
     with ExitStack() as es:
@@ -114,7 +114,7 @@ def _cmd_start_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from fleet.local_runner import embedded_dynamodb, ensure_state_table, local_aws_env, run_schedules
+    from fleet_local.runner import embedded_dynamodb, ensure_state_table, local_aws_env, run_schedules
 
     local_aws_env()
     with ExitStack() as es:
@@ -151,7 +151,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fleet.demo import run_demo
+    from fleet_local.demo import run_demo
 
     result = run_demo(server_url=args.database_url, out=lambda line: print(line, flush=True))
     return 0 if result.ok else 1
@@ -159,7 +159,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     from fleet import db
-    from fleet.status import fleet_status, render
+
+    from fleet_local.status import fleet_status, render
 
     url = args.database_url or os.environ.get("DATABASE_URL")
     if not url:

@@ -1,6 +1,6 @@
 """The local runner: ``template.yaml``'s functions, HTTP API routes and schedules
 on one host without Docker. Each function runs in worker processes of its own
-(fleet.local_worker) with its template environment merged with an env-vars file,
+(fleet_local.worker) with its template environment merged with an env-vars file,
 as ``sam local`` would run it in a container.
 
 The embedded defaults: a throwaway PostgreSQL cluster when ``DATABASE_URL`` is not
@@ -25,10 +25,10 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from fleet.local_api import Route, serving
-from fleet.sam_template import FunctionSpec, Template, function_environment
+from fleet_local.api import Route, serving
+from fleet_local.template import FunctionSpec, Template, function_environment
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO_ROOT / "template.yaml"
 
 
@@ -57,7 +57,7 @@ class Worker:
             [
                 sys.executable,
                 "-m",
-                "fleet.local_worker",
+                "fleet_local.worker",
                 str(spec.code_uri),
                 spec.handler,
                 spec.logical_id,
@@ -371,7 +371,7 @@ def embedded_dynamodb() -> Iterator[str]:
 
     from moto.server import ThreadedMotoServer
 
-    from fleet.localdb import free_port
+    from fleet_local.cluster import free_port
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no access log per DynamoDB call
 
@@ -406,11 +406,11 @@ def ensure_state_table(endpoint: str, name: str) -> None:
 @contextmanager
 def embedded_database(role: str, existing_url: str | None = None) -> Iterator[str]:
     """``DATABASE_URL`` when given; else a throwaway cluster with a migrated database."""
+    from fleet import db
+    from fleet.migrations import migrate
     from psycopg import sql
 
-    from fleet import db
-    from fleet.localdb import LocalCluster
-    from fleet.migrations import migrate
+    from fleet_local.cluster import LocalCluster
 
     with ExitStack() as stack:
         url = existing_url
