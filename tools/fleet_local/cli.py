@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
     for p in (rev, *[csub.choices[n] for n in ("disable", "enable")]):
         p.set_defaults(json=True)
+    for p in csub.choices.values():  # the option works after the action too
+        p.add_argument("--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL")
     cust.set_defaults(func=_cmd_customers)
 
     _add_local_commands(sub)

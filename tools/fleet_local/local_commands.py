@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,27 +24,59 @@ def register(sub: Any) -> None:
     inv.add_argument("logical_id")
     inv.add_argument("--event", "-e", type=Path, help="event file (default: an empty object)")
     _common(inv)
-    inv.set_defaults(func=_cmd_invoke)
+    inv.set_defaults(func=_ends_cleanly(_cmd_invoke))
 
     api = lsub.add_parser("start-api", help="like sam local start-api")
     api.add_argument("--host", default="127.0.0.1")
     api.add_argument("--port", "-p", type=int, default=3000)
     _common(api)
-    api.set_defaults(func=_cmd_start_api)
+    api.set_defaults(func=_ends_cleanly(_cmd_start_api, stopped=0))
 
     sched = lsub.add_parser("schedule", help="invoke each scheduled function on its schedule")
     sched.add_argument("--ticks", type=int, default=0, help="stop after this many invocations (0: until Ctrl-C)")
     _common(sched)
-    sched.set_defaults(func=_cmd_schedule)
+    sched.set_defaults(func=_ends_cleanly(_cmd_schedule, stopped=0))
 
     demo = sub.add_parser("demo", help="end-to-end demo on one host (what `make demo` runs)")
     demo.add_argument("--database-url", help="a server to create the demo databases on (default: a throwaway cluster)")
-    demo.set_defaults(func=_cmd_demo)
+    demo.set_defaults(func=_ends_cleanly(_cmd_demo))
 
     status = sub.add_parser("status", help="fleet overview from the Admin database")
     status.add_argument("--database-url")
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _ends_cleanly(
+    command: Callable[[argparse.Namespace], int], stopped: int = 130
+) -> Callable[[argparse.Namespace], int]:
+    """SIGTERM and SIGHUP end a command as Ctrl-C does: the blocks that started
+    throwaway servers (PostgreSQL, DynamoDB, workers) unwind and stop them. A
+    second signal is ignored, so it cannot cut that clean-up short. ``stopped``
+    is the exit status then (0 for the commands that run until stopped)."""
+
+    def interrupt(signum: int, _frame: object) -> None:
+        for sig in _STOP_SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    def run(args: argparse.Namespace) -> int:
+        if threading.current_thread() is not threading.main_thread():
+            return command(args)  # signals reach the main thread only
+        previous = {sig: signal.signal(sig, interrupt) for sig in _STOP_SIGNALS}
+        try:
+            return command(args)
+        except KeyboardInterrupt as exc:
+            print(f"stopped by {exc.args[0] if exc.args else 'SIGINT'}", file=sys.stderr)
+            return stopped
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    return run
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -64,17 +98,42 @@ def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
     return LocalStack(template, read_env_vars_file(args.env_vars))
 
 
-def _with_database(stack: Any, exit_stack: ExitStack, role: str) -> None:
+def _role(stack: Any) -> str:
+    return "client" if stack.template.parameters.get("Mode") == "client" else "admin"
+
+
+def _with_database(stack: Any, exit_stack: ExitStack, role: str, logical_id: str | None = None) -> None:
     """The embedded default: DATABASE_URL from the env-vars file or the shell,
-    else a throwaway cluster with a migrated database of the role."""
+    else a throwaway cluster with a migrated database of the role (an Admin one
+    with the sample events' customer registered)."""
     from fleet_local.runner import embedded_database
 
     params = stack.env_vars.setdefault("Parameters", {})
-    given = params.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
-    url = exit_stack.enter_context(embedded_database(role, given))
-    params["DATABASE_URL"] = url
+    own = stack.env_vars.get(logical_id, {}).get("DATABASE_URL") if logical_id else None
+    given = own or params.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
+    profile = stack.template.parameters.get("DatabaseProfile") or "auto"
+    url = exit_stack.enter_context(embedded_database(role, given, profile))
+    if not own:
+        params["DATABASE_URL"] = url
     if not given:
         print(f"embedded database ({role}): {url}", file=sys.stderr)
+
+
+def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
+    """A local DynamoDB unless one is configured, and a word on what the push
+    still needs when INGEST_URL is not set."""
+    from fleet_local.runner import embedded_dynamodb, ensure_state_table, push_settings_missing
+
+    push_env = stack.env_vars.setdefault("PushFunction", {})
+    if not (push_env.get("DYNAMODB_ENDPOINT_URL") or os.environ.get("DYNAMODB_ENDPOINT_URL")):
+        endpoint = exit_stack.enter_context(embedded_dynamodb())
+        push_env["DYNAMODB_ENDPOINT_URL"] = endpoint
+        table = stack.environment("PushFunction").get("PUSH_STATE_TABLE", "PushStateTable")
+        ensure_state_table(endpoint, table)
+        print(f"embedded DynamoDB: {endpoint} (table {table})", file=sys.stderr)
+    missing = push_settings_missing(stack)
+    if missing:
+        print(f"warning: {missing}", file=sys.stderr)
 
 
 def _cmd_invoke(args: argparse.Namespace) -> int:
@@ -82,17 +141,22 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
 
     local_aws_env()
     event = json.loads(args.event.read_text()) if args.event else {}
-    stack = _stack(args)
-    try:
-        result = stack.invoke(args.logical_id, event)
-    except InvokeError as exc:
-        print(json.dumps(exc.payload, indent=2))
-        return 1
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    finally:
-        stack.close()
+    with ExitStack() as es:
+        stack = _stack(args)
+        es.callback(stack.close)
+        try:
+            stack.spec(args.logical_id)
+        except KeyError as exc:
+            print(f"error: {exc.args[0]}", file=sys.stderr)
+            return 2
+        _with_database(stack, es, _role(stack), args.logical_id)
+        if args.logical_id == "PushFunction":
+            _with_push_defaults(stack, es)
+        try:
+            result = stack.invoke(args.logical_id, event)
+        except InvokeError as exc:
+            print(json.dumps(exc.payload, indent=2))
+            return 1
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -108,29 +172,30 @@ def _cmd_start_api(args: argparse.Namespace) -> int:
         api = es.enter_context(serve_api(stack, args.host, args.port))
         for route in api.routes:
             print(f"mounted {route.route_key:<36} -> {route.function_name}", file=sys.stderr)
-        print(f"serving on {api.url} (Ctrl-C to stop)", file=sys.stderr)
+        print(f"serving on {api.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         wait_forever(threading.Event())
     return 0
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from fleet_local.runner import embedded_dynamodb, ensure_state_table, local_aws_env, run_schedules
+    from fleet_local.runner import local_aws_env, run_schedules
 
     local_aws_env()
     with ExitStack() as es:
         stack = _stack(args, role_hint="client")
         es.callback(stack.close)
-        role = stack.template.parameters.get("Mode", "client")
-        _with_database(stack, es, role)
-        if role == "client":
-            push_env = stack.env_vars.setdefault("PushFunction", {})
-            if not (push_env.get("DYNAMODB_ENDPOINT_URL") or os.environ.get("DYNAMODB_ENDPOINT_URL")):
-                endpoint = es.enter_context(embedded_dynamodb())
-                push_env["DYNAMODB_ENDPOINT_URL"] = endpoint
-                table = stack.environment("PushFunction").get("PUSH_STATE_TABLE", "PushStateTable")
-                ensure_state_table(endpoint, table)
-                print(f"embedded DynamoDB: {endpoint} (table {table})", file=sys.stderr)
-        for logical_id, name, expr in stack.schedules():
+        schedules = stack.schedules()
+        if not schedules:
+            print(
+                "error: nothing is scheduled with these parameters (the push needs Mode=client IngestEnabled=true,"
+                " the maintenance Mode=admin)",
+                file=sys.stderr,
+            )
+            return 2
+        _with_database(stack, es, _role(stack))
+        if any(logical_id == "PushFunction" for logical_id, _, _ in schedules):
+            _with_push_defaults(stack, es)
+        for logical_id, name, expr in schedules:
             print(f"scheduled {logical_id} ({name}): {expr}", file=sys.stderr)
         stop = threading.Event()
         count = 0

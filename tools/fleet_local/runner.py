@@ -30,6 +30,10 @@ from fleet_local.template import FunctionSpec, Template, function_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO_ROOT / "template.yaml"
+# The customer and token of the sample events in events/ (and env.local.json): a
+# throwaway Admin database has them registered, so the samples work as they are.
+SAMPLE_CUSTOMER = "DEV0001"
+SAMPLE_TOKEN = "flt_ExampleTokenReplaceWithYourOwn_2RmiI6"  # noqa: S105 - public, throwaway databases only
 
 
 class InvokeError(RuntimeError):
@@ -178,15 +182,35 @@ class LocalStack:
     def environment(self, logical_id: str) -> dict[str, str]:
         return function_environment(self.functions[logical_id], self.env_vars)
 
+    def spec(self, logical_id: str) -> FunctionSpec:
+        """The function, or a KeyError saying why the stack has none of that name."""
+        specs = self.functions
+        if logical_id not in specs:
+            raise KeyError(self._not_created(logical_id))
+        return specs[logical_id]
+
     def pool(self, logical_id: str) -> FunctionPool:
         if logical_id not in self._pools:
-            specs = self.functions
-            if logical_id not in specs:
-                raise KeyError(f"no function {logical_id!r} in {self.template.path.name}: {', '.join(specs)}")
             self._pools[logical_id] = FunctionPool(
-                specs[logical_id], self.environment(logical_id), self.template.layer_dirs(), self.concurrency, self.log
+                self.spec(logical_id),
+                self.environment(logical_id),
+                self.template.layer_dirs(),
+                self.concurrency,
+                self.log,
             )
         return self._pools[logical_id]
+
+    def _not_created(self, logical_id: str) -> str:
+        every = self.template.all_functions()
+        spec = every.get(logical_id)
+        if spec is None or spec.condition is None:
+            return f"no function {logical_id!r} in {self.template.path.name}: {', '.join(every)}"
+        params = self.template.parameters
+        given = " ".join(f"{k}={params[k]!r}" for k in self.template.condition_parameters(spec.condition))
+        return (
+            f"{logical_id} is not created with these parameters: its Condition {spec.condition} is false"
+            f" ({given}); set them with --parameter-overrides, as sam does"
+        )
 
     def invoke(self, logical_id: str, event: Any) -> Any:
         return self.pool(logical_id).invoke(event)
@@ -404,8 +428,9 @@ def ensure_state_table(endpoint: str, name: str) -> None:
 
 
 @contextmanager
-def embedded_database(role: str, existing_url: str | None = None) -> Iterator[str]:
-    """``DATABASE_URL`` when given; else a throwaway cluster with a migrated database."""
+def embedded_database(role: str, existing_url: str | None = None, profile: str = "auto") -> Iterator[str]:
+    """``DATABASE_URL`` when given; else a throwaway cluster with a database
+    migrated in ``profile``, an Admin one with the sample customer registered."""
     from fleet import db
     from fleet.migrations import migrate
     from psycopg import sql
@@ -415,14 +440,48 @@ def embedded_database(role: str, existing_url: str | None = None) -> Iterator[st
     with ExitStack() as stack:
         url = existing_url
         if not url:
-            cluster = LocalCluster(timescaledb_background_workers=4).start()
-            stack.callback(cluster.stop)
+            cluster = LocalCluster(timescaledb_background_workers=4)
+            stack.callback(cluster.stop)  # before start: a start cut short is cleaned up too
+            cluster.start()
             with db.connect(cluster.url()) as conn:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(f"fleet_{role}")))
             url = cluster.url(f"fleet_{role}")
         with db.connect(url) as conn:
-            migrate(conn, role, "auto")  # type: ignore[arg-type]
+            migrate(conn, role, profile)  # type: ignore[arg-type]
+            if role == "admin" and not existing_url:
+                register_sample_customer(conn)
         yield url
+
+
+def register_sample_customer(conn: Any) -> None:
+    """The sample events' customer and token (only its SHA-256 is stored)."""
+    from fleet import tokens
+
+    with conn.transaction():
+        conn.execute(
+            "INSERT INTO fleet.customers (id, name) VALUES (%s, 'Sample events') ON CONFLICT (id) DO NOTHING",
+            (SAMPLE_CUSTOMER,),
+        )
+        conn.execute(
+            "INSERT INTO fleet.customer_tokens (token_sha256, customer_id, token_hint) VALUES (%s, %s, %s)"
+            " ON CONFLICT DO NOTHING",
+            (tokens.digest(SAMPLE_TOKEN), SAMPLE_CUSTOMER, tokens.hint(SAMPLE_TOKEN)),
+        )
+
+
+def push_settings_missing(stack: LocalStack) -> str | None:
+    """What the PushFunction still needs to be told, in words, or None."""
+    env = stack.environment("PushFunction")
+    missing = [] if env.get("INGEST_URL") else ["INGEST_URL"]
+    if not env.get("INGEST_TOKEN") and not env.get("INGEST_TOKEN_SECRET_ARN"):
+        missing.append("INGEST_TOKEN")
+    if not missing:
+        return None
+    return (
+        f"PushFunction: {' and '.join(missing)} not set, so every push tick fails. Set them under"
+        ' "PushFunction" in an --env-vars file: env.local.json sends to http://127.0.0.1:3000/api/fleet/ingest'
+        " (where `fleet local start-api` serves the Admin API) with the sample customer's token"
+    )
 
 
 def local_aws_env() -> None:
