@@ -50,7 +50,7 @@ def test_the_sample_events_and_env_local_carry_the_sample_token() -> None:
     assert len(events) >= 4
     for path in events:
         assert json.loads(path.read_text())["headers"]["x-customer-token"] == SAMPLE_TOKEN, path.name
-    env_local = json.loads((REPO_ROOT / "env.local.json").read_text())
+    env_local = json.loads((REPO_ROOT / "env.sample.json").read_text())
     assert env_local["PushFunction"]["INGEST_TOKEN"] == SAMPLE_TOKEN
 
 
@@ -107,7 +107,7 @@ def test_schedule_says_what_the_push_needs_and_schedules_only_the_clients_functi
     out, err = capsys.readouterr()
     assert code == 0, err
     assert "PushFunction: INGEST_URL and INGEST_TOKEN not set" in err
-    assert "env.local.json" in err
+    assert "env.sample.json" in err
     assert "MaintenanceFunction" not in out + err
     (tick,) = [line for line in out.splitlines() if "PushFunction:" in line]
     assert "INGEST_URL: not set" in tick

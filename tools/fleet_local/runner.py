@@ -30,7 +30,7 @@ from fleet_local.template import FunctionSpec, Template, function_environment
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_TEMPLATE = REPO_ROOT / "template.yaml"
-# The customer and token of the sample events in events/ (and env.local.json): a
+# The customer and token of the sample events in events/ (and env.sample.json): a
 # throwaway Admin database has them registered, so the samples work as they are.
 SAMPLE_CUSTOMER = "DEV0001"
 SAMPLE_TOKEN = "flt_ExampleTokenReplaceWithYourOwn_2RmiI6"  # noqa: S105 - public, throwaway databases only
@@ -479,7 +479,7 @@ def push_settings_missing(stack: LocalStack) -> str | None:
         return None
     return (
         f"PushFunction: {' and '.join(missing)} not set, so every push tick fails. Set them under"
-        ' "PushFunction" in an --env-vars file: env.local.json sends to http://127.0.0.1:3000/api/fleet/ingest'
+        ' "PushFunction" in an --env-vars file: env.sample.json sends to http://127.0.0.1:3000/api/fleet/ingest'
         " (where `fleet local start-api` serves the Admin API) with the sample customer's token"
     )
 
