@@ -171,3 +171,18 @@ def test_sigterm_ends_start_api_as_ctrl_c_does_with_no_postgres_left(scratch: Pa
             proc.wait()
     assert not _running(postgres)
     assert _clusters_left(tmp_path) == []
+
+
+def test_a_database_url_that_does_not_answer_is_named_by_source_without_its_password(
+    no_database_url: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet_local.cluster import free_port
+
+    monkeypatch.setenv("DATABASE_URL", f"postgresql://fleet:s3cret-pw@127.0.0.1:{free_port()}/fleet_admin")
+    with pytest.raises(SystemExit) as stopped:
+        main(["local", "invoke", "IngestFunction", "--parameter-overrides", "Mode=admin"])
+    message = str(stopped.value.code)
+    assert "the DATABASE_URL of the environment does not answer" in message
+    assert "leave DATABASE_URL out and a throwaway database is started" in message
+    assert "s3cret-pw" not in message
+    assert _clusters_left(no_database_url) == []

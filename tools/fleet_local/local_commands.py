@@ -106,13 +106,22 @@ def _with_database(stack: Any, exit_stack: ExitStack, role: str, logical_id: str
     """The embedded default: DATABASE_URL from the env-vars file or the shell,
     else a throwaway cluster with a migrated database of the role (an Admin one
     with the sample events' customer registered)."""
+    from fleet.errors import DatabaseUnavailable
+
     from fleet_local.runner import embedded_database
 
     params = stack.env_vars.setdefault("Parameters", {})
     own = stack.env_vars.get(logical_id, {}).get("DATABASE_URL") if logical_id else None
     given = own or params.get("DATABASE_URL") or os.environ.get("DATABASE_URL")
     profile = stack.template.parameters.get("DatabaseProfile") or "auto"
-    url = exit_stack.enter_context(embedded_database(role, given, profile))
+    try:
+        url = exit_stack.enter_context(embedded_database(role, given, profile))
+    except DatabaseUnavailable as exc:
+        where = "the env-vars file" if (own or params.get("DATABASE_URL")) else "the environment"
+        raise SystemExit(
+            f"error: the DATABASE_URL of {where} does not answer ({exc}); start that server,"
+            " or leave DATABASE_URL out and a throwaway database is started"
+        ) from None
     if not own:
         params["DATABASE_URL"] = url
     if not given:
