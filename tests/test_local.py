@@ -16,7 +16,8 @@ import pytest
 from fleet import config, customers, tokens
 from fleet_local.cli import main
 from fleet_local.demo import Sizes, run_demo
-from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, Schedule, serve_api
+from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
+from fleet_local.schedules import Schedule
 from fleet_local.template import Template
 from support import EVENTS, FakeLambdaContext, load_event, recording_server
 
@@ -112,7 +113,7 @@ def test_local_invoke_of_maintenance_equals_the_direct_handler(admin_db_postgres
 def test_local_invoke_of_push_equals_the_direct_handler(pg_server, monkeypatch, tmp_path: Path) -> None:
     import push
     from fleet_local.api import Route, serving
-    from fleet_local.runner import embedded_dynamodb, ensure_state_table, local_aws_env
+    from fleet_local.embedded import embedded_dynamodb, ensure_state_table, local_aws_env
 
     local_aws_env()
     admin = pg_server.url(pg_server.create_database(template=pg_server.template("admin", "postgres")))

@@ -19,7 +19,8 @@ import psycopg
 import pytest
 from fleet import tokens
 from fleet_local.cli import main
-from fleet_local.runner import REPO_ROOT, SAMPLE_CUSTOMER, SAMPLE_TOKEN, register_sample_customer
+from fleet_local.embedded import SAMPLE_CUSTOMER, SAMPLE_TOKEN, register_sample_customer
+from fleet_local.runner import REPO_ROOT
 from support import EVENTS
 
 

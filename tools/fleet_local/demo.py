@@ -26,15 +26,9 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from fleet_local.runner import (
-    DEFAULT_TEMPLATE,
-    LocalStack,
-    embedded_dynamodb,
-    ensure_state_table,
-    local_aws_env,
-    run_schedules,
-    serve_api,
-)
+from fleet_local.embedded import embedded_dynamodb, ensure_state_table, local_aws_env
+from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
+from fleet_local.schedules import run_schedules
 from fleet_local.template import Template
 
 EVENTS = DEFAULT_TEMPLATE.parent / "events"

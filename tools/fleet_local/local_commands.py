@@ -108,7 +108,7 @@ def _with_database(stack: Any, exit_stack: ExitStack, role: str, logical_id: str
     with the sample events' customer registered)."""
     from fleet.errors import DatabaseUnavailable
 
-    from fleet_local.runner import embedded_database
+    from fleet_local.embedded import embedded_database
 
     params = stack.env_vars.setdefault("Parameters", {})
     own = stack.env_vars.get(logical_id, {}).get("DATABASE_URL") if logical_id else None
@@ -131,7 +131,7 @@ def _with_database(stack: Any, exit_stack: ExitStack, role: str, logical_id: str
 def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
     """A local DynamoDB unless one is configured, and a word on what the push
     still needs when INGEST_URL is not set."""
-    from fleet_local.runner import embedded_dynamodb, ensure_state_table, push_settings_missing
+    from fleet_local.embedded import embedded_dynamodb, ensure_state_table, push_settings_missing
 
     push_env = stack.env_vars.setdefault("PushFunction", {})
     if not (push_env.get("DYNAMODB_ENDPOINT_URL") or os.environ.get("DYNAMODB_ENDPOINT_URL")):
@@ -146,7 +146,8 @@ def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
 
 
 def _cmd_invoke(args: argparse.Namespace) -> int:
-    from fleet_local.runner import InvokeError, local_aws_env
+    from fleet_local.embedded import local_aws_env
+    from fleet_local.runner import InvokeError
 
     local_aws_env()
     event = json.loads(args.event.read_text()) if args.event else {}
@@ -171,7 +172,8 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_start_api(args: argparse.Namespace) -> int:
-    from fleet_local.runner import local_aws_env, serve_api, wait_forever
+    from fleet_local.embedded import local_aws_env, wait_forever
+    from fleet_local.runner import serve_api
 
     local_aws_env()
     with ExitStack() as es:
@@ -187,7 +189,8 @@ def _cmd_start_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from fleet_local.runner import local_aws_env, run_schedules
+    from fleet_local.embedded import local_aws_env
+    from fleet_local.schedules import run_schedules
 
     local_aws_env()
     with ExitStack() as es:
