@@ -115,7 +115,9 @@ def built_layer() -> Path:
 
 def test_the_built_layer_holds_fleet_and_the_pinned_closure_only(built_layer: Path) -> None:
     assert (built_layer / "fleet" / "__init__.py").exists()
-    assert {p.name for p in (built_layer / "fleet").glob("*.py")} == {p.name for p in (LAYER / "fleet").glob("*.py")}
+    built_modules = {str(p.relative_to(built_layer)) for p in (built_layer / "fleet").rglob("*.py")}
+    source_modules = {str(p.relative_to(LAYER)) for p in (LAYER / "fleet").rglob("*.py")}
+    assert built_modules == source_modules, "the built layer is not the source's package (run make build again)"
     assert not (built_layer / "fleet_local").exists()
     built = _built_distributions()
     pins = _pins()
