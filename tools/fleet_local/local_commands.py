@@ -98,6 +98,16 @@ def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
     return LocalStack(template, read_env_vars_file(args.env_vars))
 
 
+def _open_stack(args: argparse.Namespace, exit_stack: ExitStack, role_hint: str | None = None) -> Any:
+    """The template's stack, closed (its workers stopped) when ``exit_stack`` ends."""
+    from fleet_local.embedded import local_aws_env
+
+    local_aws_env()
+    stack = _stack(args, role_hint)
+    exit_stack.callback(stack.close)
+    return stack
+
+
 def _role(stack: Any) -> str:
     return "client" if stack.template.parameters.get("Mode") == "client" else "admin"
 
@@ -146,14 +156,11 @@ def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
 
 
 def _cmd_invoke(args: argparse.Namespace) -> int:
-    from fleet_local.embedded import local_aws_env
     from fleet_local.runner import InvokeError
 
-    local_aws_env()
     event = json.loads(args.event.read_text()) if args.event else {}
     with ExitStack() as es:
-        stack = _stack(args)
-        es.callback(stack.close)
+        stack = _open_stack(args, es)
         try:
             stack.spec(args.logical_id)
         except KeyError as exc:
@@ -172,13 +179,11 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_start_api(args: argparse.Namespace) -> int:
-    from fleet_local.embedded import local_aws_env, wait_forever
+    from fleet_local.embedded import wait_forever
     from fleet_local.runner import serve_api
 
-    local_aws_env()
     with ExitStack() as es:
-        stack = _stack(args, role_hint="admin")
-        es.callback(stack.close)
+        stack = _open_stack(args, es, role_hint="admin")
         _with_database(stack, es, "admin")
         api = es.enter_context(serve_api(stack, args.host, args.port))
         for route in api.routes:
@@ -189,13 +194,10 @@ def _cmd_start_api(args: argparse.Namespace) -> int:
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
-    from fleet_local.embedded import local_aws_env
     from fleet_local.schedules import run_schedules
 
-    local_aws_env()
     with ExitStack() as es:
-        stack = _stack(args, role_hint="client")
-        es.callback(stack.close)
+        stack = _open_stack(args, es, role_hint="client")
         schedules = stack.schedules()
         if not schedules:
             print(
@@ -220,10 +222,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
             if args.ticks and count >= args.ticks:
                 stop.set()
 
-        try:
-            run_schedules(stack, stop, on_result)
-        except KeyboardInterrupt:
-            stop.set()
+        run_schedules(stack, stop, on_result)  # Ctrl-C and SIGTERM end it (see _ends_cleanly)
     return 0
 
 
