@@ -91,13 +91,15 @@ M = TypeVar("M", bound=BaseModel)
 
 def load[M: BaseModel](model: type[M], environ: Mapping[str, str] | None = None) -> M:
     """Validate ``environ`` (default: the process environment) into ``model``."""
+    values = dict(os.environ if environ is None else environ)
     try:
-        return model.model_validate(dict(os.environ if environ is None else environ))
+        return model.model_validate(values)
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
             where = ".".join(str(p) for p in err["loc"]) or "configuration"
-            problems.append(f"{where}: {err['msg']}")
+            unset = len(err["loc"]) == 1 and not values.get(where, "").strip()
+            problems.append(f"{where}: not set" if unset else f"{where}: {err['msg']}")
         raise ConfigurationError(f"invalid {model.__name__}: " + "; ".join(problems)) from None
 
 

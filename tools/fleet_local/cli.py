@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
     for p in (rev, *[csub.choices[n] for n in ("disable", "enable")]):
         p.set_defaults(json=True)
+    for p in csub.choices.values():  # the option works after the action too
+        p.add_argument("--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL")
     cust.set_defaults(func=_cmd_customers)
 
     _add_local_commands(sub)
@@ -118,14 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_local_commands(sub: Any) -> None:
-    """``local``, ``demo`` and ``status`` live in their own modules (dev tooling)."""
-    import importlib
+    """``local``, ``demo`` and ``status`` live in a module of their own."""
+    from fleet_local import local_commands
 
-    try:
-        local_cli = importlib.import_module("fleet.local_cli")
-    except ImportError:  # the Lambda layer does not need them
-        return
-    local_cli.register(sub)
+    local_commands.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
