@@ -611,6 +611,10 @@ def test_a_bad_mapping_file_is_refused_with_its_problem_named(doc: dict[str, Any
         parse_mapping(json.dumps(doc))
 
 
+def test_the_shipped_example_is_the_ef_core_mapping_the_tests_use() -> None:
+    assert load_mapping("mappings/efcore-example.json") == SourceMapping.model_validate(EF_CORE_MAPPING)
+
+
 def test_a_mapping_setting_naming_no_file_fails_at_cold_start(tmp_path: Path) -> None:
     with pytest.raises(ConfigurationError, match="not found"):
         load_mapping(str(tmp_path / "nowhere.json"))
