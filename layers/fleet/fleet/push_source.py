@@ -1,4 +1,6 @@
-"""Data access for the push: reads the portal's sites, devices and measurements.
+"""Data access for the push: reads the portal's sites, devices and measurements,
+from the tables and columns the source mapping names (fleet.push_mapping; by default
+the project's own ``monitoring.*``).
 
 The measurement cursor and why it never skips a row
 ----------------------------------------------------
@@ -31,6 +33,11 @@ in ``(time, device_id)`` order (the ``legacy`` phase).
 Two rows with the same ``(time, device_id)`` in one transaction are one row on
 the Admin side (its unique key), so the keyset stepping over the second loses
 nothing the Admin database could hold.
+
+On a mapped table, ``time`` and ``device_id`` are the mapped columns in the form
+they are sent (a ``timestamp`` read in the mapping's zone as timestamptz, an id of
+any type as text): the keyset compares exactly what the cursor holds, and the
+cursor's indexes are built on those expressions.
 """
 
 from __future__ import annotations
