@@ -685,3 +685,22 @@ def test_the_default_mapping_reads_as_before(client_db: str) -> None:
     assert 'ORDER BY "src"."push_xid", "src"."time", "src"."device_id"' in text
     assert '"src"."time"::timestamptz AS t' in text and '"src"."power_w"::float8 AS "m0"' in text
     assert isinstance(queries, MeasurementQueries) and queries.reports_lag
+
+
+def test_the_functions_read_the_mapping_their_setting_names(aws) -> None:
+    from fleet.push_wiring import build_push_service
+
+    env = {
+        "DATABASE_URL": "postgresql://fleet@127.0.0.1:1/portal",
+        "INGEST_URL": "https://admin.example/api/fleet/ingest",
+        "INGEST_TOKEN": "flt_example",
+        "PUSH_STATE_TABLE": "push-state",
+        "PUSH_SOURCE_MAPPING": "mappings/efcore-example.json",
+        "FLEET_ROLE": "client",
+    }
+    ef_core = SourceMapping.model_validate(EF_CORE_MAPPING)
+    assert build_push_service(config.load(config.PushConfig, env)).source.mapping == ef_core
+    assert config.load(config.BootstrapConfig, env).mapping() == ef_core
+    assert config.load(config.PushConfig, {**env, "PUSH_SOURCE_MAPPING": ""}).mapping() == DEFAULT_MAPPING
+    with pytest.raises(ConfigurationError, match=r"source mapping elsewhere\.json not found"):
+        build_push_service(config.load(config.PushConfig, {**env, "PUSH_SOURCE_MAPPING": "elsewhere.json"}))
