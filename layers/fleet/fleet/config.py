@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import cache
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import (
     AnyHttpUrl,
@@ -23,7 +23,9 @@ from pydantic import (
 
 from fleet.errors import ConfigurationError
 from fleet.migrations import ProfileChoice, Role
-from fleet.push_mapping import SourceMapping, load_mapping
+
+if TYPE_CHECKING:
+    from fleet.push_mapping import SourceMapping
 
 
 class _EnvModel(BaseModel):
@@ -53,6 +55,8 @@ class SourceMappingSetting(_EnvModel):
     source_mapping: str | None = Field(None, alias="PUSH_SOURCE_MAPPING")
 
     def mapping(self) -> SourceMapping:
+        from fleet.push_mapping import load_mapping  # the ingest has no use for it
+
         return load_mapping(self.source_mapping)
 
 
