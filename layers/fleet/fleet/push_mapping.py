@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import psycopg
 from psycopg import sql
@@ -353,19 +353,11 @@ class ResolvedTable:
         return sql.Identifier(self.schema, self.name)
 
     @property
-    def label(self) -> str:
-        return f"{quote(self.schema)}.{quote(self.name)}" if _needs_quotes(self.schema, self.name) else self.plain
-
-    @property
     def plain(self) -> str:
         return f"{self.schema}.{self.name}"
 
     def column(self, field_name: str) -> Column | None:
         return self.columns.get(field_name)
-
-
-def _needs_quotes(*names: str) -> bool:
-    return any(not re.fullmatch(r"[a-z_][a-z0-9_$]*", n) for n in names)
 
 
 @dataclass(frozen=True)
@@ -405,7 +397,8 @@ class CheckReport:
 
 def describe(findings: list[Finding]) -> str:
     lines = [f"- {f}" for f in findings]
-    return f"the source mapping does not fit the portal database ({len(findings)} problems):\n" + "\n".join(lines)
+    count = f"{len(findings)} problem{'' if len(findings) == 1 else 's'}"
+    return f"the source mapping does not fit the portal database ({count}):\n" + "\n".join(lines)
 
 
 def check(
@@ -537,17 +530,3 @@ def resolve(conn: psycopg.Connection, mapping: SourceMapping, resource: Resource
     if report.errors or table is None:
         raise MappingError(describe(report.errors))
     return table
-
-
-def as_json(mapping: SourceMapping) -> dict[str, Any]:
-    """The mapping with every field spelled out (what ``fleet db check`` shows)."""
-    doc: dict[str, Any] = {"time_zone": mapping.time_zone}
-    for resource in FIELDS:
-        table = mapping.table(resource)
-        doc[resource] = {
-            "table": table.table,
-            "columns": {s.name: table.columns.get(s.name, quote(s.name)) for s in FIELDS[resource]},
-        }
-        if table.scale:
-            doc[resource]["scale"] = {k: str(v) for k, v in table.scale.items()}
-    return doc
