@@ -56,7 +56,7 @@ class Writer:
                     self.waits.append((started, time.perf_counter() - started))
                     n += 1
                     time.sleep(0.005)
-        except BaseException as exc:  # noqa: BLE001 - reported by the test
+        except BaseException as exc:
             self.failures.append(exc)
 
     @contextmanager
