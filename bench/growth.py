@@ -100,8 +100,9 @@ def _cursor_query_ms(side: _Side) -> float:
 
 def _cursor_plan(side: _Side) -> str:
     assert side.client is not None and side.cursor is not None
+    query = push_source.PortalSource().measurements(side.client).select["xid"]
     plan = side.client.execute(
-        "EXPLAIN (ANALYZE, BUFFERS) " + push_source._QUERIES["xid"],
+        b"EXPLAIN (ANALYZE, BUFFERS) " + query.as_bytes(side.client),
         {"xid": str(side.cursor.xid), "time": side.cursor.time, "device": side.cursor.device, "limit": 5000},
     ).fetchall()
     return "\n".join(r[0] for r in plan)

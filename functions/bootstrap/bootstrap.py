@@ -28,6 +28,7 @@ def _create_or_update(request: Any) -> tuple[str, dict[str, Any]]:
         cfg.role,
         props.get("DatabaseProfile") or cfg.database_profile,
         ProfileSettings.model_validate(props),
+        mapping=cfg.mapping() if cfg.role == "client" else None,
     )
     logger.info("bootstrap done", extra=outcome.as_data())
     return _physical_id(cfg.role), outcome.as_data()

@@ -9,6 +9,7 @@ from typing import Any
 from fleet import db
 from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
 from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, refresh_queued_ranges
+from fleet.push_mapping import SourceMapping
 
 
 @dataclass
@@ -34,11 +35,15 @@ def bootstrap(
     role: Role,
     requested: ProfileChoice = "auto",
     settings: ProfileSettings | None = None,
+    mapping: SourceMapping | None = None,
 ) -> BootstrapOutcome:
+    """Migrate the stack's database. A client stack's source mapping is checked against
+    the portal's catalogue first; a mismatch fails with every problem named, before
+    anything is changed."""
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
-        result = migrate(conn, role, requested)
-        changes: list[str] = []
+        result = migrate(conn, role, requested, mapping=mapping)
+        changes: list[str] = result.changes + [f"notice: {n}" for n in result.notices]
         if role == "admin":
             changes = apply_profile(conn, result.profile, settings).changes
     return BootstrapOutcome(role, result.profile, result.applied, result.already_applied, changes)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import cache
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import (
     AnyHttpUrl,
@@ -23,6 +23,9 @@ from pydantic import (
 
 from fleet.errors import ConfigurationError
 from fleet.migrations import ProfileChoice, Role
+
+if TYPE_CHECKING:
+    from fleet.push_mapping import SourceMapping
 
 
 class _EnvModel(BaseModel):
@@ -46,7 +49,18 @@ class DatabaseSettings(_EnvModel):
         return self
 
 
-class BootstrapConfig(DatabaseSettings):
+class SourceMappingSetting(_EnvModel):
+    # The push's source mapping (fleet.push_mapping): a JSON file in the deployment,
+    # relative to the layer's python/ folder; unset or empty: the default tables.
+    source_mapping: str | None = Field(None, alias="PUSH_SOURCE_MAPPING")
+
+    def mapping(self) -> SourceMapping:
+        from fleet.push_mapping import load_mapping  # the ingest has no use for it
+
+        return load_mapping(self.source_mapping)
+
+
+class BootstrapConfig(DatabaseSettings, SourceMappingSetting):
     role: Role = Field(alias="FLEET_ROLE")
     database_profile: ProfileChoice = Field("auto", alias="DATABASE_PROFILE")
 
@@ -60,7 +74,7 @@ class IngestConfig(DatabaseSettings):
     hourly_refresh_window_days: int = Field(30, alias="HOURLY_REFRESH_WINDOW_DAYS", gt=0)
 
 
-class PushConfig(_EnvModel):
+class PushConfig(SourceMappingSetting):
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_secret_arn: str | None = Field(None, alias="DB_SECRET_ARN")
     ingest_url: AnyHttpUrl = Field(alias="INGEST_URL")

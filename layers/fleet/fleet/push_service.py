@@ -8,7 +8,9 @@ Rules (DESIGN.md, Client side):
   1 min doubling to a 30 min cap, with jitter;
 - 401/403, and a 400 for a whole batch, back off at the cap and raise the alarm
   metric; the cursor never moves past a refused batch;
-- a resource in backoff does not block the others;
+- a resource in backoff does not block the others, and one that fails (a query
+  error on sites, a table that no longer fits the mapping) records its failure on
+  itself while the others go on in the same tick;
 - a missing state item resumes from the server's ledger, not from zero.
 """
 
@@ -30,9 +32,10 @@ from typing import Any
 
 import psycopg
 
-from fleet import push_source
+from fleet import db, push_source
+from fleet.errors import FleetError
 from fleet.observability import logger, metrics
-from fleet.push_source import Cursor, MeasurementPage
+from fleet.push_source import Cursor, MeasurementPage, PortalSource
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
 
@@ -118,6 +121,13 @@ def _drop(ahead: Future[Any] | None) -> None:
             ahead.result()
 
 
+def _describe(exc: psycopg.Error | FleetError) -> str:
+    """A failure in a line or a few: a driver error without the connection's details."""
+    if isinstance(exc, psycopg.Error):
+        return db._describe(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
     """1 min doubling to a 30 min cap, with jitter (between half and all of it)."""
     ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(failures - 1, 0))
@@ -167,8 +177,10 @@ class PushService:
         checkpoints: Checkpoints | None = None,
         read_ahead: bool = True,
         time_budget_s: float | None = None,
+        source: PortalSource | None = None,
     ) -> None:
         self._connect = connect
+        self.source = source or PortalSource()  # where the portal keeps each resource
         self.state = state
         self.client = client
         self.batch_size = batch_size
@@ -191,8 +203,11 @@ class PushService:
         budget = time_budget_s if time_budget_s is not None else self.time_budget_s
         deadline = math.inf if budget is None else self.clock() + budget
         report = TickReport()
-        with self._connect() as conn:
+        with contextlib.ExitStack() as connections:
+            conn: psycopg.Connection | None = None
             for resource in RESOURCES:
+                if conn is None or conn.closed or conn.broken:  # one resource's failure may have ended it
+                    conn = connections.enter_context(self._connect())
                 report.resources[resource] = self._run_resource(conn, resource, owner, deadline)
         return report
 
@@ -221,6 +236,8 @@ class PushService:
             rep.outcome = "leased"
             rep.detail = str(exc)
             logger.warning("lease lost; stopping this resource", extra={"resource": resource})
+        except (psycopg.Error, FleetError) as exc:  # a query error, a table that no longer fits: its own
+            self._failed(state, owner, rep, f"{resource}: {_describe(exc)}")
         finally:
             self.state.release(resource, owner)
         return rep
@@ -283,7 +300,7 @@ class PushService:
         max_rows = self._size(state) * self.max_batches
         with (
             switches,
-            push_source.MeasurementReader(conn, cursor, max_rows) as source,
+            self.source.reader(conn, cursor, max_rows) as source,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader,
         ):
 
@@ -328,13 +345,19 @@ class PushService:
             self._report_lag(conn, cursor)
 
     def _report_lag(self, conn: psycopg.Connection, cursor: Cursor) -> None:
-        oldest = push_source.oldest_unpushed(conn, cursor)
+        try:
+            known, oldest = self.source.oldest_unpushed(conn, cursor)
+        except (psycopg.Error, FleetError) as exc:  # the batches went; only the metric is missing
+            logger.warning("push lag not measured", extra={"error": _describe(exc)})
+            return
+        if not known:  # the mapping names no received_at column
+            return
         lag = 0.0 if oldest is None else max(0.0, self.clock() - oldest.timestamp())
         metrics.add_metric(name="PushLagSeconds", unit="Seconds", value=round(lag, 3))
 
     # -- sites and devices ------------------------------------------------------------
     def _push_full_set(self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport) -> None:
-        rows = push_source.read_sites(conn) if state.resource == "sites" else push_source.read_devices(conn)
+        rows = self.source.read_full_set(conn, state.resource)  # type: ignore[arg-type]
         digest = "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         now = self.clock()
         fresh = state.last_full_push_at is not None and now - state.last_full_push_at < self.full_resend_seconds
