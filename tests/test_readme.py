@@ -9,6 +9,7 @@ above it, and is skipped by name with that reason. Every other fence is ``text``
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -69,9 +70,12 @@ BLOCKS = readme_blocks(README.read_text())
 RUNNABLE = [b for b in BLOCKS if b.lang == "sh"]
 
 
-def test_every_block_is_shell_or_text_and_every_mark_sits_on_a_shell_block() -> None:
+def test_every_block_is_shell_text_or_json_and_every_mark_sits_on_a_shell_block() -> None:
     assert RUNNABLE, "the README has no shell blocks"
-    assert {b.lang for b in BLOCKS} <= {"sh", "text"}, [(b.name, b.lang) for b in BLOCKS]
+    assert {b.lang for b in BLOCKS} <= {"sh", "text", "json"}, [(b.name, b.lang) for b in BLOCKS]
+    for block in BLOCKS:
+        if block.lang == "json":  # an example file: it must at least be what it claims
+            json.loads(block.code)
     marks = sum(1 for line in README.read_text().splitlines() if SKIP_MARK.match(line))
     assert marks == sum(1 for b in RUNNABLE if b.skip), "a skip mark is not right above a ```sh block"
 
