@@ -25,14 +25,15 @@ import ingest
 import psycopg
 import push
 import pytest
-from fleet import cli, config, customers
+from fleet import config, customers
 from fleet.errors import ConfigurationError
-from fleet.local_api import Route, serving
 from fleet.migrations import migrate
 from fleet.observability import metrics
 from fleet.push_mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
 from fleet.push_source import MeasurementQueries, PortalSource
 from fleet.push_state import PushStateStore
+from fleet_local import cli
+from fleet_local.api import Route, serving
 from moto import mock_aws
 from support import Clock, make_push_service
 
