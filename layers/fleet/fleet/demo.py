@@ -374,12 +374,12 @@ def _verify(result: DemoResult, admin_url: str, client_url: str, sizes: Sizes, n
             ).fetchone()
             ca = a.execute(
                 "SELECT materialized_only FROM timescaledb_information.continuous_aggregates"
-                " WHERE view_schema = 'fleet' AND view_name = 'hourly_per_device'"
+                " WHERE view_schema = 'fleet' AND view_name = 'hourly_state'"
             ).fetchone()
             result.check(
                 "TimescaleDB hypertable and real-time continuous aggregate",
                 bool(ht and ht[0] == 1 and ca and ca[0] is False),
-                "fleet.power_measurements is a hypertable; hourly_per_device materialized_only = false",
+                "fleet.power_measurements is a hypertable; hourly_state materialized_only = false",
             )
         else:
             parts = a.execute(
