@@ -115,23 +115,20 @@ BEGIN
             FROM (SELECT unnest(p_time) AS t, unnest(p_device) AS d, unnest(p_power) AS p, unnest(p_voltage) AS v,
                          unnest(p_current) AS c, unnest(p_energy) AS e, unnest(p_power_factor) AS pf,
                          unnest(p_frequency) AS f) AS u
-            ORDER BY u.t, u.d COLLATE "C"
+            ORDER BY u.d COLLATE "C", u.t
             RETURNING time, device_id, power_w, energy_wh
         ), r AS (
-            SELECT x.b, x.d, x.t, x.p, x.v,
-                   lag(x.v) OVER w AS pv,
-                   first_value(x.v) OVER w AS fv,
-                   last_value(x.v) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS lv
+            SELECT x.b, x.d, x.t, x.p, x.v, lag(x.v) OVER w AS pv, lead(x.v) OVER w AS nv
             FROM (SELECT date_bin('1 hour', ins.time, '2000-01-01 00:00:00+00') AS b, ins.device_id AS d,
                          ins.time AS t, ins.power_w AS p, ins.energy_wh AS v FROM ins) AS x
-            WINDOW w AS (PARTITION BY x.d, x.b, x.v IS NULL ORDER BY x.t)
+            WINDOW w AS (PARTITION BY x.d COLLATE "C", x.b, x.v IS NULL ORDER BY x.t)
         ), st AS (
             INSERT INTO fleet.hourly_state AS s
                 (customer_id, device_id, bucket, sample_count, power_samples, power_sum, min_power_w, max_power_w,
                  first_time, first_energy_wh, last_time, last_energy_wh, inner_wh)
             SELECT p_customer, r.d, r.b, count(*), count(r.p), sum(fleet.power_scaled(r.p)), min(r.p), max(r.p),
-                   min(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.fv),
-                   max(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.lv),
+                   min(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.v) FILTER (WHERE r.pv IS NULL),
+                   max(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.v) FILTER (WHERE r.nv IS NULL),
                    CASE WHEN count(r.v) > 0 THEN
                        least(coalesce(sum(fleet.power_scaled(fleet.energy_rise(r.pv, r.v))), 0),
                              1.6349923815708423e296) * 1099511627776 END
@@ -162,12 +159,15 @@ BEGIN
                                            fleet.energy_rise(excluded.last_energy_wh, s.first_energy_wh))
                                        ELSE 'NaN' END
             RETURNING s.device_id, s.bucket, s.inner_wh
+        ), n AS (
+            SELECT count(*) AS accepted, min(ins.time) AS lo, max(ins.time) AS hi FROM ins
         )
-        SELECT (SELECT count(*) FROM ins), (SELECT min(ins.time) FROM ins), (SELECT max(ins.time) FROM ins),
+        SELECT n.accepted, n.lo, n.hi,
                array_agg(st.device_id) FILTER (WHERE st.inner_wh = 'NaN'),
                array_agg(st.bucket) FILTER (WHERE st.inner_wh = 'NaN')
         INTO accepted, min_time, max_time, v_devices, v_buckets
-        FROM st;
+        FROM n LEFT JOIN st ON true
+        GROUP BY n.accepted, n.lo, n.hi;
     EXCEPTION WHEN unique_violation THEN
         WITH ins AS (
             INSERT INTO fleet.power_measurements
@@ -176,24 +176,21 @@ BEGIN
             FROM (SELECT unnest(p_time) AS t, unnest(p_device) AS d, unnest(p_power) AS p, unnest(p_voltage) AS v,
                          unnest(p_current) AS c, unnest(p_energy) AS e, unnest(p_power_factor) AS pf,
                          unnest(p_frequency) AS f) AS u
-            ORDER BY u.t, u.d COLLATE "C"
+            ORDER BY u.d COLLATE "C", u.t
             ON CONFLICT (time, customer_id, device_id) DO NOTHING
             RETURNING time, device_id, power_w, energy_wh
         ), r AS (
-            SELECT x.b, x.d, x.t, x.p, x.v,
-                   lag(x.v) OVER w AS pv,
-                   first_value(x.v) OVER w AS fv,
-                   last_value(x.v) OVER (w ROWS BETWEEN UNBOUNDED PRECEDING AND UNBOUNDED FOLLOWING) AS lv
+            SELECT x.b, x.d, x.t, x.p, x.v, lag(x.v) OVER w AS pv, lead(x.v) OVER w AS nv
             FROM (SELECT date_bin('1 hour', ins.time, '2000-01-01 00:00:00+00') AS b, ins.device_id AS d,
                          ins.time AS t, ins.power_w AS p, ins.energy_wh AS v FROM ins) AS x
-            WINDOW w AS (PARTITION BY x.d, x.b, x.v IS NULL ORDER BY x.t)
+            WINDOW w AS (PARTITION BY x.d COLLATE "C", x.b, x.v IS NULL ORDER BY x.t)
         ), st AS (
             INSERT INTO fleet.hourly_state AS s
                 (customer_id, device_id, bucket, sample_count, power_samples, power_sum, min_power_w, max_power_w,
                  first_time, first_energy_wh, last_time, last_energy_wh, inner_wh)
             SELECT p_customer, r.d, r.b, count(*), count(r.p), sum(fleet.power_scaled(r.p)), min(r.p), max(r.p),
-                   min(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.fv),
-                   max(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.lv),
+                   min(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.v) FILTER (WHERE r.pv IS NULL),
+                   max(r.t) FILTER (WHERE r.v IS NOT NULL), min(r.v) FILTER (WHERE r.nv IS NULL),
                    CASE WHEN count(r.v) > 0 THEN
                        least(coalesce(sum(fleet.power_scaled(fleet.energy_rise(r.pv, r.v))), 0),
                              1.6349923815708423e296) * 1099511627776 END
@@ -224,21 +221,30 @@ BEGIN
                                            fleet.energy_rise(excluded.last_energy_wh, s.first_energy_wh))
                                        ELSE 'NaN' END
             RETURNING s.device_id, s.bucket, s.inner_wh
+        ), n AS (
+            SELECT count(*) AS accepted, min(ins.time) AS lo, max(ins.time) AS hi FROM ins
         )
-        SELECT (SELECT count(*) FROM ins), (SELECT min(ins.time) FROM ins), (SELECT max(ins.time) FROM ins),
+        SELECT n.accepted, n.lo, n.hi,
                array_agg(st.device_id) FILTER (WHERE st.inner_wh = 'NaN'),
                array_agg(st.bucket) FILTER (WHERE st.inner_wh = 'NaN')
         INTO accepted, min_time, max_time, v_devices, v_buckets
-        FROM st;
+        FROM n LEFT JOIN st ON true
+        GROUP BY n.accepted, n.lo, n.hi;
     END;
     IF v_devices IS NOT NULL THEN
+        -- One index range scan per marked hour (the key leads with time), reading the
+        -- rows of the marked devices only.
         UPDATE fleet.hourly_state s
-        SET inner_wh = (SELECT fleet.register_rise(m.energy_wh ORDER BY m.time)
-                        FROM fleet.power_measurements m
-                        WHERE m.time >= k.b AND m.time < k.b + interval '1 hour'
-                          AND m.customer_id = p_customer AND m.device_id = k.d)
-        FROM unnest(v_devices, v_buckets) AS k(d, b)
-        WHERE s.customer_id = p_customer AND s.device_id = k.d AND s.bucket = k.b;
+        SET inner_wh = q.rise
+        FROM (SELECT m.device_id AS d, h.b, fleet.register_rise(m.energy_wh ORDER BY m.time) AS rise
+              FROM (SELECT DISTINCT b FROM unnest(v_buckets) AS b) AS h
+              JOIN fleet.power_measurements m
+                ON m.time >= h.b AND m.time < h.b + interval '1 hour'
+               AND m.customer_id = p_customer AND m.device_id = ANY (v_devices)
+              GROUP BY m.device_id, h.b) AS q,
+             unnest(v_devices, v_buckets) AS k(d, b)
+        WHERE k.d = q.d AND k.b = q.b
+          AND s.customer_id = p_customer AND s.device_id = k.d AND s.bucket = k.b;
     END IF;
 END
 $$;
