@@ -100,6 +100,7 @@ AS $$
 DECLARE
     v_devices text[];
     v_buckets timestamptz[];
+    v_rises   float8[];
 BEGIN
     -- While the upgrade's rebuild is queued, wait for (and hold off) a rebuild step.
     IF EXISTS (SELECT 1 FROM fleet.hourly_refresh_queue) THEN
@@ -232,19 +233,23 @@ BEGIN
         GROUP BY n.accepted, n.lo, n.hi;
     END;
     IF v_devices IS NOT NULL THEN
-        -- One index range scan per marked hour (the key leads with time), reading the
-        -- rows of the marked devices only.
-        UPDATE fleet.hourly_state s
-        SET inner_wh = q.rise
+        -- One index range scan per marked hour (the key leads with time) over the
+        -- customer's rows, joined by hash to the marked device-hours.
+        SELECT array_agg(q.d), array_agg(q.b), array_agg(q.rise)
+        INTO v_devices, v_buckets, v_rises
         FROM (SELECT m.device_id AS d, h.b, fleet.register_rise(m.energy_wh ORDER BY m.time) AS rise
               FROM (SELECT DISTINCT b FROM unnest(v_buckets) AS b) AS h
-              JOIN fleet.power_measurements m
-                ON m.time >= h.b AND m.time < h.b + interval '1 hour'
-               AND m.customer_id = p_customer AND m.device_id = ANY (v_devices)
-              GROUP BY m.device_id, h.b) AS q,
-             unnest(v_devices, v_buckets) AS k(d, b)
-        WHERE k.d = q.d AND k.b = q.b
-          AND s.customer_id = p_customer AND s.device_id = k.d AND s.bucket = k.b;
+              CROSS JOIN LATERAL (
+                  SELECT m.time, m.device_id, m.energy_wh FROM fleet.power_measurements m
+                  WHERE m.time >= h.b AND m.time < h.b + interval '1 hour' AND m.customer_id = p_customer
+                  OFFSET 0) AS m  -- kept apart, so that it stays a range scan per hour
+              JOIN unnest(v_devices, v_buckets) AS k(d, b) ON k.d = m.device_id AND k.b = h.b
+              GROUP BY m.device_id, h.b) AS q;
+        -- By key, one at a time: a join let the planner hash the customer's whole state.
+        FOR i IN 1 .. cardinality(v_devices) LOOP
+            UPDATE fleet.hourly_state SET inner_wh = v_rises[i]
+            WHERE customer_id = p_customer AND device_id = v_devices[i] AND bucket = v_buckets[i];
+        END LOOP;
     END IF;
 END
 $$;
