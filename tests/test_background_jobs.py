@@ -66,14 +66,24 @@ def test_maintenance_reports_background_jobs_whose_last_run_failed(
             )
 
             def ran() -> bool:
-                rows = conn.execute(
-                    "SELECT count(*) FROM timescaledb_information.job_stats"
-                    " WHERE job_id = %s AND last_run_status = 'Failed'",
+                row = conn.execute(
+                    "SELECT bool_or(s.job_id = %s AND s.last_run_status = 'Failed'),"
+                    " bool_or(j.proc_name = 'policy_refresh_continuous_aggregate' AND s.last_run_status IS NOT NULL)"
+                    " FROM timescaledb_information.job_stats s JOIN timescaledb_information.jobs j USING (job_id)",
                     (job_id,),
                 ).fetchone()
-                return bool(rows and rows[0])
+                return bool(row and row[0] and row[1])
+
+            def idle() -> bool:
+                row = conn.execute(
+                    "SELECT count(*) FROM timescaledb_information.job_stats WHERE job_status = 'Running'"
+                ).fetchone()
+                return bool(row and row[0] == 0)
 
             wait_for(ran)
+            # Every job held still, so that the runs seen here are the ones reported.
+            conn.execute("SELECT alter_job(job_id, scheduled => false) FROM timescaledb_information.jobs")
+            wait_for(idle)
             failed_ids = {
                 r[0]
                 for r in conn.execute(
