@@ -37,6 +37,7 @@ CREATE TABLE fleet.hourly_state (
 CREATE FUNCTION fleet.hourly_state_rebuild(p_from timestamptz, p_to timestamptz)
     RETURNS bigint
     LANGUAGE plpgsql
+    SET jit = off  -- as fleet.insert_measurements: a step holds the ingest off
 AS $$
 DECLARE
     v_from timestamptz := date_bin('1 hour', p_from, '2000-01-01 00:00:00+00');
@@ -95,6 +96,9 @@ CREATE OR REPLACE FUNCTION fleet.insert_measurements(
     OUT min_time timestamptz,
     OUT max_time timestamptz)
 LANGUAGE plpgsql
+-- The recompute's estimates grow with the table (its hour is a parameter): on a year
+-- of history they passed jit_optimize_above_cost, and compiling took a second.
+SET jit = off
 AS $$
 #variable_conflict use_column
 DECLARE
