@@ -59,5 +59,9 @@ def maintenance_handler(event: dict[str, Any], context: LambdaContext) -> dict[s
     report = maintain(db.resolve_conninfo(cfg.database_url, cfg.db_secret_arn))
     metrics.add_metric(name="PartitionsCreated", unit="Count", value=report["partitions_created"])
     metrics.add_metric(name="HourlyRangesRefreshed", unit="Count", value=report["ranges_refreshed"])
+    metrics.add_metric(name="HourlyRefreshQueue", unit="Count", value=report["refresh_queue_remaining"])
+    metrics.add_metric(name="FailedBackgroundJobs", unit="Count", value=report["failed_jobs"])
+    if report["failed_jobs"]:
+        logger.error("background jobs failed", extra={"jobs": report["failed_job_details"]})
     logger.info("maintenance done", extra=report)
     return report

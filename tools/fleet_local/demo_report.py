@@ -129,12 +129,12 @@ def _check_profile(result: DemoResult, a: psycopg.Connection) -> None:
         ).fetchone()
         ca = a.execute(
             "SELECT materialized_only FROM timescaledb_information.continuous_aggregates"
-            " WHERE view_schema = 'fleet' AND view_name = 'hourly_per_device'"
+            " WHERE view_schema = 'fleet' AND view_name = 'hourly_state'"
         ).fetchone()
         result.check(
             "TimescaleDB hypertable and real-time continuous aggregate",
             bool(ht and ht[0] == 1 and ca and ca[0] is False),
-            "fleet.power_measurements is a hypertable; hourly_per_device materialized_only = false",
+            "fleet.power_measurements is a hypertable; hourly_state materialized_only = false",
         )
         return
     parts = a.execute(

@@ -236,7 +236,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     from fleet import db
 
-    from fleet_local.status import fleet_status, render
+    from fleet_local.status import failed_background_jobs, fleet_status, render
 
     url = args.database_url or os.environ.get("DATABASE_URL")
     if not url:
@@ -244,8 +244,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 2
     with db.connect(url) as conn:
         rows = fleet_status(conn)
+        failed = failed_background_jobs(conn)
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
     else:
-        print(render(rows, datetime.now(UTC)))
+        print(render(rows, datetime.now(UTC), failed))
     return 0

@@ -8,7 +8,7 @@ from typing import Any
 
 from fleet import db
 from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
-from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, refresh_queued_ranges
+from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, failed_jobs, refresh_queued_ranges
 from fleet.push_mapping import SourceMapping
 
 
@@ -49,8 +49,16 @@ def bootstrap(
     return BootstrapOutcome(role, result.profile, result.applied, result.already_applied, changes)
 
 
-def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str, Any]:
-    """Admin maintenance: partitions ahead (postgres) and queued aggregate refreshes."""
+def maintain(
+    conninfo: str,
+    settings: ProfileSettings | None = None,
+    *,
+    budget_s: float = 120.0,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Admin maintenance: partitions ahead (postgres), the queued hourly refreshes and
+    rebuilds (within ``budget_s``), and (timescale) the background jobs whose last
+    run failed."""
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
         profile = applied_profile(conn, "admin")
@@ -60,5 +68,13 @@ def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str
         if profile == "postgres":
             with conn.transaction():
                 created = ensure_partitions(conn, settings.partitions_ahead)
-        refreshed = refresh_queued_ranges(conn, profile)
-    return {"profile": profile, "partitions_created": created, "ranges_refreshed": refreshed}
+        refresh = refresh_queued_ranges(conn, profile, settings, budget_s=budget_s, max_steps=max_steps)
+        failed = failed_jobs(conn)
+    return {
+        "profile": profile,
+        "partitions_created": created,
+        "ranges_refreshed": refresh.steps,
+        "refresh_queue_remaining": refresh.remaining,
+        "failed_jobs": len(failed),
+        "failed_job_details": [job.as_dict() for job in failed],
+    }

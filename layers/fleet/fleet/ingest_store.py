@@ -95,11 +95,16 @@ class IngestStore:
         self._has_rollup: bool | None = None
 
     def has_rollup(self, conn: psycopg.Connection) -> bool:
-        """postgres profile: the hourly rollup table is kept by the ingest.
+        """postgres profile: the hourly state is a table the ingest keeps (in the
+        timescale profile it is the continuous aggregate; before the upgrade of
+        007_hourly_state.postgres.sql, the table fleet.hourly_rollup).
 
         A property of the database, asked once per store (one store, one database)."""
         if self._has_rollup is None:
-            row = conn.execute("SELECT to_regclass('fleet.hourly_rollup') IS NOT NULL").fetchone()
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relkind = 'r'"
+                " AND oid IN (to_regclass('fleet.hourly_state'), to_regclass('fleet.hourly_rollup')))"
+            ).fetchone()
             self._has_rollup = bool(row and row[0])
         return self._has_rollup
 
@@ -146,7 +151,7 @@ class IngestStore:
         return outcome
 
     def _measurements(self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]) -> WriteOutcome:
-        """One call of fleet.insert_measurements (sql/admin/004_*, 005_*): columns as arrays."""
+        """One call of fleet.insert_measurements (sql/admin/005_*, 007_*): columns as arrays."""
         if not items:
             return WriteOutcome(0, 0)
         row = conn.execute(
