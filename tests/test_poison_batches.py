@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 import pytest
 from fleet.sam_template import Template
 from support import ROOT, http_event
@@ -61,6 +62,11 @@ def peak_of_one_invocation(db_url: str, gzipped: bytes) -> dict[str, Any]:
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc: dict[str, Any] = json.loads(proc.stdout.splitlines()[-1])
     return doc
+
+
+def ddl(api: IngestClient, statements: str) -> None:
+    with psycopg.connect(api.url, autocommit=True) as conn:
+        conn.execute(statements)
 
 
 def good(n: int, device: str = "good") -> list[dict[str, Any]]:
@@ -159,3 +165,230 @@ def test_9_a_nul_in_the_cursor_is_a_final_answer_and_audited_recoverably(api: In
     assert json.loads(cursor) == "cur\x00sor"
     # The ledger gives the client back exactly the cursor it sent.
     assert api.state().body["ledger"]["measurements"]["cursor"] == "cur\x00sor"
+
+
+# --- a batch the store refuses: found item by item, the rest lands -----------------
+
+
+@pytest.fixture
+def poison_trigger(api: IngestClient) -> Iterator[None]:
+    """The store fails on a measurement with power_w = 666 (a data exception), and
+    with power_w = 429 as a busy database would (serialization failure)."""
+    ddl(
+        api,
+        """
+        CREATE FUNCTION fleet_test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.power_w = 666 THEN
+                RAISE EXCEPTION 'injected: % cannot be stored', NEW.power_w USING ERRCODE = '22003';
+            ELSIF NEW.power_w = 429 THEN
+                RAISE EXCEPTION 'injected: could not serialize' USING ERRCODE = '40001';
+            END IF;
+            -- a real data exception, on the time itself: before 1968 this leaves
+            -- the range of timestamptz (4713 BC)
+            PERFORM NEW.time - interval '6700 years';
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER poison BEFORE INSERT ON fleet.power_measurements
+            FOR EACH ROW EXECUTE FUNCTION fleet_test_poison();
+        """,
+    )
+    yield
+
+
+def test_items_the_store_refuses_are_found_rejected_and_quarantined(api: IngestClient, poison_trigger: None) -> None:
+    items = good(10)
+    items[3]["power_w"] = 666
+    items[8]["power_w"] = 666
+    items[6]["time"] = "1900-01-01T00:00:00Z"
+    answer = api.post("measurements", items, cursor="after-poison")
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["duplicates"], answer.body["rejected"]) == (7, 0, 3)
+    assert [e["index"] for e in answer.body["errors"]] == [3, 6, 8]
+    assert "[22003]" in answer.body["errors"][0]["reason"] and "666" in answer.body["errors"][0]["reason"]
+    assert "[22008]" in answer.body["errors"][1]["reason"]  # timestamp out of range
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 7
+    stored = quarantined(api)
+    assert [(q[0], json.loads(q[2])) for q in stored] == [(3, items[3]), (6, items[6]), (8, items[8])]
+    assert audit(api) == [(200, "measurements", "after-poison", 7, 3, None)]
+    # Re-delivered: the same final answer, nothing doubled.
+    again = api.post("measurements", items)
+    assert (again.body["accepted"], again.body["duplicates"], again.body["rejected"]) == (0, 7, 3)
+
+
+def test_a_store_refusal_mixed_with_invalid_items_keeps_every_index(api: IngestClient, poison_trigger: None) -> None:
+    items: list[Any] = good(4)
+    items[2]["power_w"] = 666
+    items.insert(1, m(NOW, device="x" * 65))  # invalid: rejected before the store
+    answer = api.post("measurements", items)
+    assert answer.status == 200
+    assert [e["index"] for e in answer.body["errors"]] == [1, 3]
+    assert answer.body["accepted"] == 3
+
+
+def test_a_busy_database_in_the_middle_of_a_batch_is_429_and_nothing_is_rejected(
+    api: IngestClient, poison_trigger: None
+) -> None:
+    items = good(6)
+    items[1]["power_w"] = 666
+    items[4]["power_w"] = 429
+    answer = api.post("measurements", items)
+    assert answer.status == 429
+    assert int(answer.headers["retry-after"]) > 0
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 0
+    assert quarantined(api) == []
+    assert [r[0] for r in audit(api)] == [429]
+
+
+def test_sites_the_store_refuses_are_rejected_and_the_rest_upserted(api: IngestClient) -> None:
+    # A real constraint of PostgreSQL's, added for the test.
+    ddl(api, "ALTER TABLE fleet.sites ADD CONSTRAINT no_poison CHECK (name <> 'poison')")
+    sites = [{"id": "s1", "name": "Plant"}, {"id": "s2", "name": "poison"}, {"id": "s3", "name": "Depot"}]
+    answer = api.post("sites", sites)
+    assert answer.status == 200
+    assert (answer.body["accepted"], answer.body["rejected"]) == (2, 1)
+    assert answer.body["errors"][0]["index"] == 1 and "[23514]" in answer.body["errors"][0]["reason"]
+    assert api.sql("SELECT id FROM fleet.sites ORDER BY id") == [("s1",), ("s3",)]
+
+
+def test_a_python_error_while_storing_an_item_rejects_that_item(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import ingest_store
+
+    real = ingest_store.TextArray.of
+
+    def refusing(values: Any) -> Any:
+        if "boom" in values:
+            raise UnicodeEncodeError("utf-8", "boom", 0, 1, "injected")
+        return real(values)
+
+    monkeypatch.setattr(ingest_store.TextArray, "of", refusing)
+    answer = api.post("measurements", [*good(3), m(NOW, device="boom")])
+    assert answer.status == 200
+    assert (answer.body["accepted"], answer.body["rejected"]) == (3, 1)
+    assert "UnicodeEncodeError" in answer.body["errors"][0]["reason"]
+
+
+def test_an_unexpected_error_while_reading_a_body_is_a_final_audited_400(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet.ingest_service import IngestService
+
+    def broken(*_: Any) -> Any:
+        raise ZeroDivisionError("injected")
+
+    monkeypatch.setattr(IngestService, "_finish", broken)
+    answer = api.post("measurements", good(2))
+    assert answer.status == 400
+    assert "retry" not in answer.body["message"]
+    assert [r[0] for r in audit(api)] == [400]
+
+
+# --- what the parser may build: bounded, the rest of the batch lands --------------
+
+
+def test_an_item_nested_deeper_than_any_parser_goes_is_rejected_alone(api: IngestClient) -> None:
+    deep = '{"time": "%s", "device_id": "deep", "x": %s}' % (NOW.isoformat(), "[" * 5000 + "]" * 5000)
+    body = '{"items": [%s, %s, %s]}' % (json.dumps(good(1)[0]), deep, json.dumps(good(2)[1]))
+    answer = api.post("measurements", body=body)
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (2, 1)
+    assert answer.body["errors"][0]["index"] == 1
+    assert "recursion" in answer.body["errors"][0]["reason"]
+    assert quarantined(api)[0][2].startswith('{"time"')
+
+
+def test_an_item_over_the_value_bound_is_rejected_unparsed(api: IngestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet import ingest_service
+
+    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 1_000)
+    big = {"time": NOW.isoformat(), "device_id": "big", "x": [0] * 2_000}
+    items = [*good(2), big, *good(3, device="after")]
+    answer = api.post("measurements", items)
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (5, 1)
+    assert answer.body["errors"] == [{"index": 2, "reason": "item: holds more than 1000 JSON values"}]
+    assert json.loads(quarantined(api)[0][2]) == big
+
+
+def test_the_item_limit_holds_when_items_are_split_from_the_bytes(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import ingest_service
+
+    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 10)
+    assert api.post("measurements", good(501)).status == 413
+    assert api.post("measurements", good(500)).body["accepted"] == 500
+
+
+@pytest.mark.parametrize(
+    "body",
+    ['{"items": [1, ]}', '{"items": {}}', '{"rows": []}', '{"items": [], "": 1}', '{"items": [{"a": 1 2}]}', "[]"],
+)
+def test_the_split_envelope_is_judged_as_the_whole_one(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, body: str
+) -> None:
+    from fleet import ingest_service
+
+    whole = post_raw(api, body, {"x-batch-type": "measurements"})
+    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 3)  # every body here is over it
+    split = post_raw(api, body, {"x-batch-type": "measurements"})
+    assert whole.status == split.status == 400
+    assert [r[0] for r in audit(api)] == [400, 400]
+
+
+# --- every header, whatever it holds, leaves an audit row ----------------------------
+
+
+@pytest.mark.parametrize("header", ["x-batch-type", "x-batch-id", "x-push-cursor", "content-type", "content-encoding"])
+@pytest.mark.parametrize("bad", ["a\x00b", "a\ud800b", "x" * 20_000], ids=["nul", "lone-surrogate", "over-long"])
+def test_any_header_value_gets_a_final_answer_and_an_audit_row(api: IngestClient, header: str, bad: str) -> None:
+    headers = {"x-batch-type": "measurements", header: bad}
+    answer = post_raw(api, json.dumps({"items": good(1)}), headers)
+    assert answer.status in (200, 400, 415), answer.body
+    rows = audit(api)
+    assert len(rows) == 1 and rows[0][0] == answer.status
+    if header == "x-push-cursor" and len(bad) < 1024:
+        assert answer.status == 200
+        assert json.loads(rows[0][2]) == bad
+
+
+# --- the one table: busy or down by SQLSTATE, everything else final ------------------
+
+
+@pytest.mark.parametrize(
+    ("sqlstate", "status"),
+    [
+        ("08006", 503),  # connection failure
+        ("57P01", 503),  # admin shutdown
+        ("57P03", 503),  # cannot connect now
+        ("53300", 429),  # too many connections
+        ("53200", 429),  # out of memory
+        ("40001", 429),  # serialization failure
+        ("40P01", 429),  # deadlock
+        ("55P03", 429),  # lock not available (lock timeout)
+        ("22003", 400),  # numeric value out of range: the data's
+        ("22021", 400),  # character not in repertoire: the data's
+        ("23514", 400),  # check violation: the data's
+        ("54000", 400),  # program limit exceeded: psycopg calls it OperationalError
+        ("57014", 400),  # cancelled by hand, not by a timeout
+    ],
+)
+def test_database_errors_are_answered_by_their_sqlstate(admin_db_postgres: str, sqlstate: str, status: int) -> None:
+    from fleet.ingest_service import refusal_for
+
+    with psycopg.connect(admin_db_postgres) as conn, pytest.raises(psycopg.Error) as raised:
+        conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$")
+    assert raised.value.sqlstate == sqlstate
+    assert refusal_for(raised.value).status == status
+
+
+def test_a_statement_timeout_is_busy(admin_db_postgres: str) -> None:
+    from fleet.ingest_service import refusal_for
+
+    with psycopg.connect(admin_db_postgres) as conn, pytest.raises(psycopg.errors.QueryCanceled) as raised:
+        conn.execute("SET statement_timeout = '50ms'")
+        conn.execute("SELECT pg_sleep(2)")
+    answer = refusal_for(raised.value)
+    assert (answer.status, answer.retry_after) == (429, 2)
