@@ -171,7 +171,7 @@ def test_9_a_nul_in_the_cursor_is_a_final_answer_and_audited_recoverably(api: In
 
 
 @pytest.fixture
-def poison_trigger(api: IngestClient) -> Iterator[None]:
+def poison_trigger(api: IngestClient) -> None:
     """The store fails on a measurement with power_w = 666 (a data exception), and
     with power_w = 429 as a busy database would (serialization failure)."""
     ddl(
@@ -193,7 +193,6 @@ def poison_trigger(api: IngestClient) -> Iterator[None]:
             FOR EACH ROW EXECUTE FUNCTION fleet_test_poison();
         """,
     )
-    yield
 
 
 def test_items_the_store_refuses_are_found_rejected_and_quarantined(api: IngestClient, poison_trigger: None) -> None:
@@ -289,8 +288,8 @@ def test_an_unexpected_error_while_reading_a_body_is_a_final_audited_400(
 
 
 def test_an_item_nested_deeper_than_any_parser_goes_is_rejected_alone(api: IngestClient) -> None:
-    deep = '{"time": "%s", "device_id": "deep", "x": %s}' % (NOW.isoformat(), "[" * 5000 + "]" * 5000)
-    body = '{"items": [%s, %s, %s]}' % (json.dumps(good(1)[0]), deep, json.dumps(good(2)[1]))
+    deep = f'{{"time": "{NOW.isoformat()}", "device_id": "deep", "x": {"[" * 5000 + "]" * 5000}}}'
+    body = f'{{"items": [{json.dumps(good(1)[0])}, {deep}, {json.dumps(good(2)[1])}]}}'
     answer = api.post("measurements", body=body)
     assert answer.status == 200, answer.body
     assert (answer.body["accepted"], answer.body["rejected"]) == (2, 1)
@@ -387,8 +386,9 @@ def test_database_errors_are_answered_by_their_sqlstate(admin_db_postgres: str, 
 def test_a_statement_timeout_is_busy(admin_db_postgres: str) -> None:
     from fleet.ingest_service import refusal_for
 
-    with psycopg.connect(admin_db_postgres) as conn, pytest.raises(psycopg.errors.QueryCanceled) as raised:
+    with psycopg.connect(admin_db_postgres) as conn:
         conn.execute("SET statement_timeout = '50ms'")
-        conn.execute("SELECT pg_sleep(2)")
+        with pytest.raises(psycopg.errors.QueryCanceled) as raised:
+            conn.execute("SELECT pg_sleep(2)")
     answer = refusal_for(raised.value)
     assert (answer.status, answer.retry_after) == (429, 2)
