@@ -26,7 +26,7 @@ FUNCTION_MEMORY_MB = Template(ROOT / "template.yaml").functions()["IngestFunctio
 DECOMPRESSED_LIMIT = 16_000_000  # MAX_DECOMPRESSED_BYTES' default
 
 _CHILD = r"""
-import json, os
+import json, os, time
 from datetime import UTC, datetime
 import ingest
 from bench.ingest_throughput import _Ctx, _event
@@ -43,10 +43,12 @@ before = peak_kb()
 warm = measurement_rows(1, start=datetime(2026, 1, 1, tzinfo=UTC))
 ingest.handler(_event(gzip_body(warm), os.environ["BENCH_TOKEN"]), _Ctx())
 after_warm = peak_kb()
+started = time.perf_counter()
 result = ingest.handler(event, _Ctx())
+seconds = time.perf_counter() - started
 peak = peak_kb()
 print(json.dumps({"status": result["statusCode"], "body": json.loads(result["body"]), "before_kb": before,
-                  "warm_kb": after_warm, "peak_kb": peak, "body_bytes": len(body)}))
+                  "warm_kb": after_warm, "peak_kb": peak, "body_bytes": len(body), "seconds": seconds}))
 """
 
 
@@ -129,7 +131,8 @@ def main(smoke: bool = False) -> dict[str, float]:
                 peak_mb,
                 "MB",
                 peak_mb / FUNCTION_MEMORY_MB,
-                f"vs MemorySize {FUNCTION_MEMORY_MB} MB; {doc['body_bytes'] / 1e6:.3f} MB gzip; {answer}",
+                f"vs MemorySize {FUNCTION_MEMORY_MB} MB; {doc['body_bytes'] / 1e6:.3f} MB gzip; {answer};"
+                f" handled in {doc['seconds']:.2f} s",
             )
     assert max(peaks.values()) < FUNCTION_MEMORY_MB, peaks
     return peaks
