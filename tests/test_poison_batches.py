@@ -282,6 +282,9 @@ def test_an_unexpected_error_while_reading_a_body_is_a_final_audited_400(
     assert answer.status == 400
     assert "retry" not in answer.body["message"]
     assert [r[0] for r in audit(api)] == [400]
+    ((index, reason, payload),) = quarantined(api)
+    assert index is None and "ZeroDivisionError" in reason
+    assert json.loads(payload) == {"items": good(2)}
 
 
 # --- what the parser may build: bounded, the rest of the batch lands --------------

@@ -206,8 +206,8 @@ class IngestService:
             if refusal.status in (429, 503):
                 audit.rejects, audit.rejected = [], 0  # the client sends the batch again
             elif not isinstance(exc, RequestRefused):
-                logger.exception("a batch could not be processed")
-            self._audit_refusal(audit, refusal, started)
+                audit.rejects, audit.rejected = [_as_received(request, exc)], 0
+            self._audit_refusal(audit, refusal, started)  # the handler logs what is unexpected
             raise
         self._count(audit)
         return IngestResponse(
@@ -505,6 +505,14 @@ def _refuse_extra_keys(audit: AuditRecord, text: str, extra: list[str]) -> None:
 def _quarantine_body(audit: AuditRecord, text: str, reason: str) -> None:
     # storable() escapes what PostgreSQL cannot hold when the row is written.
     audit.rejects = [Reject(None, f"body refused: {reason}", text[:_QUARANTINE_BODY_EXCERPT])]
+
+
+def _as_received(request: IngestRequest, exc: Exception) -> Reject:
+    """The body as it arrived (base64 as it came), for a request that failed
+    unexpectedly: kept in the quarantine with the kind of failure."""
+    body = request.body or ""
+    text = body.decode("utf-8", "backslashreplace") if isinstance(body, bytes) else body
+    return Reject(None, f"body refused: could not be processed ({type(exc).__name__})", text[:_QUARANTINE_BODY_EXCERPT])
 
 
 def _reasons(exc: ValidationError) -> str:
