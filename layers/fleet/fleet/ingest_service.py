@@ -5,6 +5,12 @@ unknown caller), then the headers, the size, the body, the items. Every request
 refused after the customer is known leaves an audit row; every invalid item is
 rejected on its own (index and reason) and kept in the quarantine, while the rest
 of the batch lands in the same transaction as the audit row.
+
+No poison batch: 429/503 mean a busy or unreachable database, never something in the
+body (``refusal_for``). A batch the database refuses for its content is written again
+in halves, down to the items it refuses on their own, which are rejected like invalid
+ones. What the parsers may build is bounded (``WHOLE_BODY_VALUES``), so any body within
+the size limits is handled within the function's memory (bench/memory.py).
 """
 
 from __future__ import annotations
