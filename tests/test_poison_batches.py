@@ -395,3 +395,25 @@ def test_a_statement_timeout_is_busy(admin_db_postgres: str) -> None:
             conn.execute("SELECT pg_sleep(2)")
     answer = refusal_for(raised.value)
     assert (answer.status, answer.retry_after) == (429, 2)
+
+
+def test_a_batch_with_too_many_refused_items_is_413_and_smaller_batches_land(
+    api: IngestClient, poison_trigger: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet import ingest_store
+
+    monkeypatch.setattr(ingest_store, "MAX_PART_ATTEMPTS", 40)
+    items = good(64)
+    for i in range(0, 64, 3):
+        items[i]["power_w"] = 666
+    answer = api.post("measurements", items)
+    assert answer.status == 413, answer.body
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 0
+    assert [r[0] for r in audit(api)] == [413]
+    # What the push does on a 413: halve and send again, until each half is cheap to search.
+    landed = rejected = 0
+    for start in range(0, 64, 8):
+        part = api.post("measurements", items[start : start + 8])
+        assert part.status == 200, part.body
+        landed, rejected = landed + part.body["accepted"], rejected + part.body["rejected"]
+    assert (landed, rejected) == (42, 22)

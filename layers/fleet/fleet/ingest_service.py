@@ -209,7 +209,7 @@ class IngestService:
             self._write(parsed, audit, sha)
         except Exception as exc:  # every refusal after the customer is known is audited
             refusal = refusal_for(exc)
-            if refusal.status in (429, 503):
+            if refusal.status in (413, 429, 503):
                 audit.rejects, audit.rejected = [], 0  # the client sends the batch again
             elif not isinstance(exc, RequestRefused):
                 audit.rejects, audit.rejected = [_as_received(request, exc)], 0

@@ -19,14 +19,18 @@ from typing import Any
 import psycopg
 
 from fleet.db import classify
-from fleet.errors import DatabaseUnavailable
+from fleet.errors import DatabaseUnavailable, PayloadTooLarge
 from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
 from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
 
 # What PostgreSQL's text cannot hold: NUL, and UTF-16 surrogates (a JSON escape such
 # as \ud800 decodes to one, alone, and UTF-8 cannot encode it).
 _UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-_MAX_AUDIT_TEXT = 16_384  # a header value; API Gateway refuses larger headers anyway
+_MAX_AUDIT_TEXT = 16_384
+# Halving costs about 2k log2(n) statements for k refused items of n; past this many
+# the request is answered 413 (the client halves its batch, and each half is cheaper
+# to search) rather than running into the function's timeout.
+MAX_PART_ATTEMPTS = 512  # a header value; API Gateway refuses larger headers anyway
 
 
 def storable(text: str | None, limit: int | None = _MAX_AUDIT_TEXT) -> str | None:
@@ -185,7 +189,8 @@ class IngestStore:
         ``refuse`` is handed (position in ``items``, reason) of each item the database
         refused, before the audit row is written, so the caller can add them to it. A
         busy or unavailable database on the way still fails the whole (429/503): nothing
-        is refused for it. With k bad items of n this costs about 2k log2(n) statements."""
+        is refused for it. With k bad items of n this costs about 2k log2(n) statements;
+        past ``MAX_PART_ATTEMPTS`` the whole is refused with a 413 (send smaller batches)."""
         failed: list[tuple[int, str]] = []
         with conn.transaction():
             _timeouts(conn, self.statement_timeout_ms)
@@ -207,8 +212,15 @@ class IngestStore:
     ) -> WriteOutcome:
         total = WriteOutcome(0, 0)
         todo = [(0, len(items))]
+        attempts = 0
         while todo:
             lo, hi = todo.pop()
+            attempts += 1
+            if attempts > MAX_PART_ATTEMPTS:
+                raise PayloadTooLarge(
+                    f"the database refused more items of this batch than it can look for in one request;"
+                    f" send it in smaller batches ({len(failed)} refused in the first part)"
+                )
             try:
                 with conn.transaction():  # a savepoint
                     part = self._rows(conn, customer_id, batch_type, items[lo:hi])
