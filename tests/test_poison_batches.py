@@ -417,3 +417,13 @@ def test_a_batch_with_too_many_refused_items_is_413_and_smaller_batches_land(
         assert part.status == 200, part.body
         landed, rejected = landed + part.body["accepted"], rejected + part.body["rejected"]
     assert (landed, rejected) == (42, 22)
+
+
+def test_a_body_over_the_bound_that_is_not_utf8_is_400(api: IngestClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fleet import ingest_service
+
+    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 3)
+    body = json.dumps({"items": good(2)}).encode()[:-3] + b'"\xff"]}'
+    answer = post_raw(api, body, {"x-batch-type": "measurements"})
+    assert answer.status == 400 and "UTF-8" in answer.body["message"]
+    assert [r[0] for r in audit(api)] == [400]

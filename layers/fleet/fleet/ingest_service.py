@@ -348,6 +348,11 @@ class IngestService:
         """Item by item from the bytes, for a body too large to parse whole: each item
         is parsed on its own, so what the parser builds is bounded by one item, and an
         item over that bound is rejected without being parsed."""
+        if not body.isascii():
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("body is not UTF-8") from None
         try:
             spans = item_spans(body, self.cfg.max_items)
         except BadRequest as refused:
