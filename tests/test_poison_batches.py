@@ -18,6 +18,8 @@ from typing import Any
 import psycopg
 import pytest
 from fleet.sam_template import Template
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from support import ROOT, http_event
 from test_ingest import NOW, Answer, IngestClient, _client, m
 
@@ -427,3 +429,36 @@ def test_a_body_over_the_bound_that_is_not_utf8_is_400(api: IngestClient, monkey
     answer = post_raw(api, body, {"x-batch-type": "measurements"})
     assert answer.status == 400 and "UTF-8" in answer.body["message"]
     assert [r[0] for r in audit(api)] == [400]
+
+
+# --- the item splitter agrees with a full parse ---------------------------------------
+
+_json_text = st.text(st.sampled_from(['"', "\\", "[", "]", "{", "}", ",", ":", " ", "a", "\x00", "\ud800", "é"]))
+_json_value = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False), _json_text),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(_json_text, inner, max_size=4),
+    max_leaves=30,
+)
+
+
+@given(
+    items=st.lists(_json_value, max_size=8),
+    others=st.dictionaries(_json_text.filter(lambda k: k != "items"), _json_value, max_size=2),
+    indent=st.sampled_from([None, 0, 2]),
+    first=st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
+def test_items_split_from_the_bytes_are_the_items_json_reads(
+    items: list[Any], others: dict[str, Any], indent: int | None, first: bool
+) -> None:
+    from fleet.errors import BadRequest
+    from fleet.ingest_service import item_spans
+
+    doc = {"items": items, **others} if first else {**others, "items": items}
+    body = json.dumps(doc, indent=indent).encode()
+    if others:
+        with pytest.raises(BadRequest, match="unknown top-level keys"):
+            item_spans(body, 100)
+        return
+    spans = item_spans(body, 100)
+    assert [json.loads(body[a:b]) for a, b in spans] == items
