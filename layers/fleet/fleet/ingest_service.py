@@ -601,7 +601,7 @@ def item_spans(body: bytes, max_items: int) -> list[tuple[int, int]]:
 # them cost nothing to skip. All in C (translate, replace, one anchored regex).
 _STRUCTURE = bytes(c if c in b'"[]{},:' else 0x30 for c in range(256))
 _BRACKETED_STRING = re.compile(rb'(?:[^"]++|"[^"\[\]{}]*+")*+("[^"]*+")')
-_SMALL_CONTAINERS = [o + b"0" * k + c for k in range(7) for o, c in ((b"[", b"]"), (b"{", b"}"))]
+_SMALL_CONTAINERS = [o + b"0" * k + c for k in range(4) for o, c in ((b"[", b"]"), (b"{", b"}"))]
 _TOKEN = re.compile(rb'"[^"]*"|[\[{]+|[\]}]+|[,:]|"')  # at the items' level and above
 _BRACKET_RUN = re.compile(rb"[\[{]+|[\]}]+")  # inside an item; brackets in strings are gone by then
 _FEW_BRACKETS = 10_000  # fewer are scanned as they are
@@ -610,7 +610,9 @@ _DOOMED_DEPTH = 256  # past pydantic-core's recursion limit: the item is rejecte
 
 
 def _structure(body: bytes) -> bytes:
-    scan = body.replace(b"\\\\", b"00").replace(b'\\"', b"00")  # every quote left is a delimiter
+    scan = body
+    if b"\\" in body:  # escapes: every quote left after this is a delimiter
+        scan = body.replace(b"\\\\", b"00").replace(b'\\"', b"00")
     blanked: bytearray | None = None
     pos = 0
     while (m := _BRACKETED_STRING.match(scan, pos)) and m.group(1):

@@ -46,7 +46,9 @@ def storable(text: str | None, limit: int | None = _MAX_AUDIT_TEXT) -> str | Non
     cut = 0
     if limit is not None and len(text) > limit:
         text, cut = text[:limit], len(text) - limit
-    if not cut and not text.startswith('"') and not _UNSTORABLE.search(text):
+    # ASCII holds no surrogate, and a NUL is found by memchr: a 16 MB item in 5 ms.
+    fine = "\x00" not in text if text.isascii() else not _UNSTORABLE.search(text)
+    if not cut and not text.startswith('"') and fine:
         return text
     literal = json.dumps(text, ensure_ascii=True)
     return f"{literal} ({cut} more characters)" if cut else literal
@@ -350,14 +352,15 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
         conn.execute(
             "INSERT INTO fleet.quarantine (ingest_event_id, customer_id, batch_type, item_index,"
             " reason, payload)"
-            " SELECT %s, %s, %s, i, r, p FROM unnest(%s::int[], %s::text[], %s::text[]) AS u(i, r, p)",
+            " SELECT %s, %s, %s, i, r, p FROM unnest(%s::int[], %b::text[], %b::text[]) AS u(i, r, p)",
             (
                 event_id,
                 a.customer_id,
                 storable(a.batch_type),
                 [r.index for r in a.rejects],
-                [storable(r.reason, 2000) for r in a.rejects],
-                [storable(r.payload, None) for r in a.rejects],
+                # Binary: psycopg's text arrays escape each element with a regex.
+                TextArray.of([storable(r.reason, 2000) for r in a.rejects]),
+                TextArray.of([storable(r.payload, None) for r in a.rejects]),
             ),
         )
     return event_id
