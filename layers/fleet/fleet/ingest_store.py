@@ -360,7 +360,7 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
                 [r.index for r in a.rejects],
                 # Binary: psycopg's text arrays escape each element with a regex.
                 TextArray.of([storable(r.reason, 2000) for r in a.rejects]),
-                TextArray.of([storable(r.payload, None) for r in a.rejects]),
+                TextArray.of_large([storable(r.payload, None) or "" for r in a.rejects]),
             ),
         )
     return event_id
