@@ -35,7 +35,7 @@ import psycopg
 from fleet import db, push_source
 from fleet.errors import FleetError
 from fleet.observability import logger, metrics
-from fleet.push_source import Cursor, MeasurementPage, PortalSource
+from fleet.push_source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
 
@@ -124,8 +124,23 @@ def _drop(ahead: Future[Any] | None) -> None:
 def _describe(exc: psycopg.Error | FleetError) -> str:
     """A failure in a line or a few: a driver error without the connection's details."""
     if isinstance(exc, psycopg.Error):
-        return db._describe(exc)
+        return db.describe(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _cursor_or_start(text: str | None) -> str | None:
+    """The ledger's cursor when the push can read it; else the start of the legacy
+    phase (every row is sent again, harmlessly), said loudly."""
+    try:
+        Cursor.decode(text)
+    except UnreadableCursor as exc:
+        metrics.add_metric(name="PushCursorReset", unit="Count", value=1)
+        logger.error(
+            "the ledger's push cursor is unreadable too; pushing every row again from the start",
+            extra={"error": str(exc), "cursor": (text or "")[:200]},
+        )
+        return START.encode()
+    return text
 
 
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
@@ -261,13 +276,31 @@ class PushService:
         state.server_max_items = limits.get("max_items")
         state.server_max_bytes = limits.get("max_body_bytes")
         if state.resource == "measurements":
-            state.cursor = entry.get("cursor")
+            state.cursor = _cursor_or_start(entry.get("cursor"))
         self.state.save(state, owner)
         logger.info(
             "push state missing; resuming from the server's ledger",
             extra={"resource": state.resource, "cursor": state.cursor},
         )
         return True
+
+    def _readable_cursor(self, state: ResourceState, owner: str, rep: ResourceReport) -> Cursor | None:
+        """The cursor to go on from. One the push cannot read (its state damaged, or in
+        a format this version does not know) is replaced by the server's ledger's, and
+        when that one cannot be read either, by the start (re-sending is harmless):
+        loudly (an error log, a metric), never silently, and never stuck. None when the
+        ledger cannot be asked now (the failure is recorded; the next tick asks again)."""
+        try:
+            return Cursor.decode(state.cursor)
+        except UnreadableCursor as exc:
+            metrics.add_metric(name="PushCursorUnreadable", unit="Count", value=1)
+            logger.error(
+                "push cursor unreadable; resuming from the server's ledger",
+                extra={"resource": state.resource, "error": str(exc), "cursor": (state.cursor or "")[:200]},
+            )
+        if not self._recover(state, owner, rep):
+            return None
+        return Cursor.decode(state.cursor)  # _recover keeps only a cursor it can read
 
     def _ceiling(self, state: ResourceState) -> int:
         ceiling = self.batch_size
@@ -282,11 +315,8 @@ class PushService:
     def _push_measurements(
         self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport, deadline: float
     ) -> None:
-        try:
-            cursor = Cursor.decode(state.cursor)
-        except ValueError as exc:
-            # An unreadable cursor is never taken as "start over" silently.
-            self._refused(state, owner, rep, str(exc))
+        cursor = self._readable_cursor(state, owner, rep)
+        if cursor is None:
             return
         # The tick's rows come from one statement per phase that the server runs ahead
         # of the pages (MeasurementReader). Read-ahead: while one batch is sent, a

@@ -46,12 +46,12 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import psycopg
 from psycopg import sql
@@ -64,32 +64,72 @@ _MIN_TIME = "-infinity"
 Phase = Literal["legacy", "xid"]
 
 
+class UnreadableCursor(ValueError):
+    """A cursor text in no format the push ever wrote (or damaged)."""
+
+
 @dataclass(frozen=True)
 class Cursor:
+    """Where the push stands: the phase, then the keyset position in it.
+
+    The text carries its format version ("v"). ``encode`` writes the current one;
+    ``decode`` reads every version ever written (one reader each in ``_READERS``), so
+    a push that is updated keeps the cursors the last one saved and the server's
+    ledger holds. A new format gets a new version and a reader here; none is dropped."""
+
     phase: Phase
     xid: int = 0
     time: str = _MIN_TIME  # PostgreSQL's text of a timestamptz (read back as one), or -infinity
     device: str = ""
 
+    FORMAT: ClassVar[int] = 1
+
     def encode(self) -> str:
         return json.dumps(
-            {"v": 1, "p": self.phase, "x": str(self.xid), "t": self.time, "d": self.device},
+            {"v": self.FORMAT, "p": self.phase, "x": str(self.xid), "t": self.time, "d": self.device},
             separators=(",", ":"),
         )
 
     @classmethod
     def decode(cls, text: str | None) -> Cursor:
-        """The cursor from its text; None or an unreadable text is the start."""
+        """The cursor from its text; None or "" is the start. A text in no format the
+        push ever wrote raises UnreadableCursor (never taken as the start silently)."""
         if not text:
             return START
         try:
             doc = json.loads(text)
-            phase = doc["p"]
-            if doc.get("v") != 1 or phase not in ("legacy", "xid"):
-                raise ValueError("unknown cursor version")
-            return cls(phase, int(doc["x"]), str(doc["t"]), str(doc["d"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"unreadable push cursor: {exc}") from None
+            reader = _READERS.get(doc["v"]) if isinstance(doc, dict) and isinstance(doc.get("v"), int) else None
+            if reader is None:
+                raise ValueError(f"no cursor format {doc.get('v') if isinstance(doc, dict) else None!r}")
+            return reader(doc)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnreadableCursor(f"unreadable push cursor: {exc}") from None
+
+
+def _read_v1(doc: dict[str, Any]) -> Cursor:
+    """Format 1 (the first): {"v":1,"p":phase,"x":"<xid8>","t":"<timestamptz>","d":"<device>"}."""
+    phase = doc["p"]
+    if phase not in ("legacy", "xid"):
+        raise ValueError(f"unknown phase {phase!r}")
+    xid = int(doc["x"])
+    if xid < 0:
+        raise ValueError("negative transaction id")
+    time, device = doc["t"], doc["d"]
+    if not isinstance(time, str) or not _TIMESTAMPTZ_TEXT.match(time):
+        raise ValueError("the time is not the text of a timestamptz")
+    if not isinstance(device, str) or _UNSTORABLE.search(device):
+        raise ValueError("the device id is not text PostgreSQL can hold")
+    return Cursor(phase, xid, time, device)
+
+
+# PostgreSQL's ISO output of a timestamptz (what the push reads back), or -infinity.
+_TIMESTAMPTZ_TEXT = re.compile(
+    r"-infinity\Z|\d{4,}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:\d\d){0,2}|Z)?( BC)?\Z"
+)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+_READERS: dict[int, Callable[[dict[str, Any]], Cursor]] = {1: _read_v1}
 
 
 START = Cursor("legacy")
