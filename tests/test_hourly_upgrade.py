@@ -75,7 +75,8 @@ def test_upgrade_rebuilds_existing_hours_in_steps_while_the_ingest_writes(
         relfilenode = table.fetchone()
 
         result = migrate(conn, "admin", admin_profile)  # type: ignore[arg-type]
-        assert [name[:3] for name in result.applied] == ["006", "007", "008"]
+        # The energy migrations first; later versions (other changes) may follow them.
+        assert [name[:3] for name in result.applied][:3] == ["006", "007", "008"]
         apply_profile(conn, admin_profile, ProfileSettings())  # type: ignore[arg-type]  # as the bootstrap does
         assert (
             conn.execute("SELECT relfilenode FROM pg_class WHERE oid = 'fleet.power_measurements'::regclass").fetchone()
