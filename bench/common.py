@@ -17,8 +17,8 @@ from types import ModuleType
 from typing import Any
 
 import psycopg
-from fleet.localdb import LocalCluster
 from fleet.migrations import migrate, timescaledb_offered
+from fleet_local.cluster import LocalCluster
 from psycopg import sql
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-from fleet.localdb import LocalCluster, timescaledb_installed
 from fleet.migrations import Profile, Role, migrate, timescaledb_offered
+from fleet_local.cluster import LocalCluster, timescaledb_installed
 from psycopg import sql
 
 TIMESCALE_MISSING = (
@@ -109,7 +109,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     where = "DATABASE_URL" if os.environ.get("DATABASE_URL") else "a throwaway cluster"
-    from fleet.localdb import find_bindir
+    from fleet_local.cluster import find_bindir
 
     installed = "unknown"
     with contextlib.suppress(Exception):

@@ -9,7 +9,7 @@ import customer_admin
 import psycopg
 import pytest
 from fleet import config, tokens
-from fleet.cli import main
+from fleet_local.cli import main
 from support import FakeLambdaContext
 
 

@@ -248,7 +248,7 @@ def test_timescale_profile_objects(admin_db_timescale: str) -> None:
         assert conn.execute("SELECT %s::interval", (compress[0],)).fetchone()[0] == timedelta(days=7)  # type: ignore[index]
         cagg = conn.execute(
             "SELECT materialized_only FROM timescaledb_information.continuous_aggregates"
-            " WHERE view_schema = 'fleet' AND view_name = 'hourly_per_device'"
+            " WHERE view_schema = 'fleet' AND view_name = 'hourly_state'"
         ).fetchone()
         assert cagg == (False,)
         start = conn.execute(

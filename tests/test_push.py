@@ -24,11 +24,11 @@ import psycopg
 import push
 import pytest
 from fleet import config, customers, push_service, push_source
-from fleet.local_api import Route, serving
 from fleet.observability import metrics
 from fleet.push_service import BACKOFF_CAP_S, READ_AHEAD_SWITCH_INTERVAL_S, Checkpoints, PushService
 from fleet.push_state import LeaseLost, PushStateStore
 from fleet.push_transport import IngestClient, parse_retry_after
+from fleet_local.api import Route, serving
 from moto import mock_aws
 from support import Clock, FakeLambdaContext, load_event, make_push_service
 

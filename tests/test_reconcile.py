@@ -24,12 +24,12 @@ import urllib3
 from contract import check_response
 from fleet import config, customers
 from fleet import push_digests as module
-from fleet.local_api import Route, serving
 from fleet.push_digests import DigestPush, DigestSettings
 from fleet.push_service import PushService
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
-from fleet.status import fleet_status, render
+from fleet_local.api import Route, serving
+from fleet_local.status import fleet_status, render
 from moto import mock_aws
 from support import Clock, make_push_service
 

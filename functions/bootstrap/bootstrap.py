@@ -28,6 +28,7 @@ def _create_or_update(request: Any) -> tuple[str, dict[str, Any]]:
         cfg.role,
         props.get("DatabaseProfile") or cfg.database_profile,
         ProfileSettings.model_validate(props),
+        mapping=cfg.mapping() if cfg.role == "client" else None,
     )
     logger.info("bootstrap done", extra=outcome.as_data())
     return _physical_id(cfg.role), outcome.as_data()
@@ -58,5 +59,9 @@ def maintenance_handler(event: dict[str, Any], context: LambdaContext) -> dict[s
     report = maintain(db.resolve_conninfo(cfg.database_url, cfg.db_secret_arn))
     metrics.add_metric(name="PartitionsCreated", unit="Count", value=report["partitions_created"])
     metrics.add_metric(name="HourlyRangesRefreshed", unit="Count", value=report["ranges_refreshed"])
+    metrics.add_metric(name="HourlyRefreshQueue", unit="Count", value=report["refresh_queue_remaining"])
+    metrics.add_metric(name="FailedBackgroundJobs", unit="Count", value=report["failed_jobs"])
+    if report["failed_jobs"]:
+        logger.error("background jobs failed", extra={"jobs": report["failed_job_details"]})
     logger.info("maintenance done", extra=report)
     return report

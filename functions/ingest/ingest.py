@@ -1,7 +1,7 @@
 """IngestFunction: POST /api/fleet/ingest and GET /api/fleet/ingest/state.
 
-Thin: turn the HTTP API event into an IngestRequest, call the service, and map
-errors to status codes in one place. No input produces a 500.
+Thin: turn the HTTP API event into an IngestRequest, call the service, and answer
+errors as ``refusal_for`` (the one table) says. No input produces a 500.
 """
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.logging import correlation_paths
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleet import config, db
-from fleet.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable, RequestRefused
-from fleet.ingest_service import IngestRequest, IngestService
+from fleet.db import describe
+from fleet.errors import RequestRefused
+from fleet.ingest_service import IngestRequest, IngestService, refusal_for
 from fleet.observability import logger, metrics, tracer
 
 app = APIGatewayHttpResolver()
@@ -52,40 +53,24 @@ def get_state() -> Response:
     return _json(result.status, result.body, result.headers)
 
 
-@app.exception_handler(RequestRefused)
-def refused(exc: RequestRefused) -> Response:
-    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after else {}
-    if exc.status == 401:
-        headers["WWW-Authenticate"] = 'Token realm="fleet", header="X-Customer-Token"'
-    return _json(exc.status, {"message": exc.message}, headers)
-
-
-@app.exception_handler(DatabaseBusy)
-def busy(exc: DatabaseBusy) -> Response:
-    metrics.add_metric(name="LoadShed", unit="Count", value=1)
-    return _json(429, {"message": "server busy; retry later"}, {"Retry-After": str(exc.retry_after)})
-
-
-@app.exception_handler(DatabaseUnavailable)
-def unavailable(exc: DatabaseUnavailable) -> Response:
-    logger.warning("database unavailable", extra={"error": str(exc)})
-    metrics.add_metric(name="DatabaseUnavailable", unit="Count", value=1)
-    return _json(503, {"message": "database unavailable; retry later"}, {"Retry-After": str(exc.retry_after)})
-
-
-@app.exception_handler(ConfigurationError)
-def misconfigured(exc: ConfigurationError) -> Response:
-    logger.error("ingest is misconfigured", extra={"error": str(exc)})
-    return _json(503, {"message": "service not configured; retry later"}, {"Retry-After": "60"})
-
-
 @app.exception_handler(Exception)
-def fault(exc: Exception) -> Response:
-    # A bug, not the client's fault: nothing was committed (one transaction), so
-    # the client keeps its batch and retries.
-    logger.exception("unexpected error in the ingest")
-    metrics.add_metric(name="IngestFaults", unit="Count", value=1)
-    return _json(503, {"message": "internal error; retry later"}, {"Retry-After": "30"})
+def refused(exc: Exception) -> Response:
+    # The one table of answers is refusal_for; here only what each answer is logged as.
+    answer = refusal_for(exc)
+    headers = {"Retry-After": str(answer.retry_after)} if answer.retry_after else {}
+    if answer.status == 401:
+        headers["WWW-Authenticate"] = 'Token realm="fleet", header="X-Customer-Token"'
+    if answer.status == 429:
+        metrics.add_metric(name="LoadShed", unit="Count", value=1)
+    elif answer.status == 503:
+        logger.warning("database unavailable or service not configured", extra={"error": describe(exc)})
+        metrics.add_metric(name="DatabaseUnavailable", unit="Count", value=1)
+    elif not isinstance(exc, RequestRefused):
+        # Not the client's fault, and not something to retry: the request is answered
+        # for good (its audit row and quarantine keep it) and the fault is counted.
+        logger.exception("unexpected error in the ingest")
+        metrics.add_metric(name="IngestFaults", unit="Count", value=1)
+    return _json(answer.status, {"message": answer.message}, headers)
 
 
 @logger.inject_lambda_context(correlation_id_path=correlation_paths.API_GATEWAY_HTTP, clear_state=True)

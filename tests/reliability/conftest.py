@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from fleet.local_runner import embedded_dynamodb
+from fleet_local.embedded import embedded_dynamodb
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ from typing import Any
 import ingest
 import psycopg
 from fleet import config, customers
-from fleet.local_api import LocalHttpApi, Route, serving
 from fleet.push_service import PushService
+from fleet_local.api import LocalHttpApi, Route, serving
 from support import Clock
 
 INGEST_PATH = "/api/fleet/ingest"

@@ -13,7 +13,7 @@ from typing import Any
 
 import boto3
 import pytest
-from fleet.local_runner import ensure_state_table
+from fleet_local.embedded import ensure_state_table
 from harness import INGEST_PATH, admin_api, new_token, tally, write_numbered
 from support import ROOT
 

@@ -12,8 +12,8 @@ from typing import Any
 import boto3
 import psycopg
 import pytest
-from fleet.localdb import LocalCluster
 from fleet.migrations import migrate
+from fleet_local.cluster import LocalCluster
 from harness import INGEST_PATH, Clock, admin_api, drain, new_token, tally, write_numbered
 from moto import mock_aws
 from support import make_push_service

@@ -8,7 +8,8 @@ from typing import Any
 
 from fleet import db
 from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
-from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, refresh_queued_ranges
+from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, failed_jobs, refresh_queued_ranges
+from fleet.push_mapping import SourceMapping
 
 
 @dataclass
@@ -34,18 +35,30 @@ def bootstrap(
     role: Role,
     requested: ProfileChoice = "auto",
     settings: ProfileSettings | None = None,
+    mapping: SourceMapping | None = None,
 ) -> BootstrapOutcome:
+    """Migrate the stack's database. A client stack's source mapping is checked against
+    the portal's catalogue first; a mismatch fails with every problem named, before
+    anything is changed."""
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
-        result = migrate(conn, role, requested)
-        changes: list[str] = []
+        result = migrate(conn, role, requested, mapping=mapping)
+        changes: list[str] = result.changes + [f"notice: {n}" for n in result.notices]
         if role == "admin":
             changes = apply_profile(conn, result.profile, settings).changes
     return BootstrapOutcome(role, result.profile, result.applied, result.already_applied, changes)
 
 
-def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str, Any]:
-    """Admin maintenance: partitions ahead (postgres) and queued aggregate refreshes."""
+def maintain(
+    conninfo: str,
+    settings: ProfileSettings | None = None,
+    *,
+    budget_s: float = 120.0,
+    max_steps: int | None = None,
+) -> dict[str, Any]:
+    """Admin maintenance: partitions ahead (postgres), the queued hourly refreshes and
+    rebuilds (within ``budget_s``), and (timescale) the background jobs whose last
+    run failed."""
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
         profile = applied_profile(conn, "admin")
@@ -55,5 +68,13 @@ def maintain(conninfo: str, settings: ProfileSettings | None = None) -> dict[str
         if profile == "postgres":
             with conn.transaction():
                 created = ensure_partitions(conn, settings.partitions_ahead)
-        refreshed = refresh_queued_ranges(conn, profile)
-    return {"profile": profile, "partitions_created": created, "ranges_refreshed": refreshed}
+        refresh = refresh_queued_ranges(conn, profile, settings, budget_s=budget_s, max_steps=max_steps)
+        failed = failed_jobs(conn)
+    return {
+        "profile": profile,
+        "partitions_created": created,
+        "ranges_refreshed": refresh.steps,
+        "refresh_queue_remaining": refresh.remaining,
+        "failed_jobs": len(failed),
+        "failed_job_details": [job.as_dict() for job in failed],
+    }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from functools import cache
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 from pydantic import (
     AnyHttpUrl,
@@ -23,6 +23,9 @@ from pydantic import (
 
 from fleet.errors import ConfigurationError
 from fleet.migrations import ProfileChoice, Role
+
+if TYPE_CHECKING:
+    from fleet.push_mapping import SourceMapping
 
 
 class _EnvModel(BaseModel):
@@ -46,7 +49,18 @@ class DatabaseSettings(_EnvModel):
         return self
 
 
-class BootstrapConfig(DatabaseSettings):
+class SourceMappingSetting(_EnvModel):
+    # The push's source mapping (fleet.push_mapping): a JSON file in the deployment,
+    # relative to the layer's python/ folder; unset or empty: the default tables.
+    source_mapping: str | None = Field(None, alias="PUSH_SOURCE_MAPPING")
+
+    def mapping(self) -> SourceMapping:
+        from fleet.push_mapping import load_mapping  # the ingest has no use for it
+
+        return load_mapping(self.source_mapping)
+
+
+class BootstrapConfig(DatabaseSettings, SourceMappingSetting):
     role: Role = Field(alias="FLEET_ROLE")
     database_profile: ProfileChoice = Field("auto", alias="DATABASE_PROFILE")
 
@@ -60,7 +74,7 @@ class IngestConfig(DatabaseSettings):
     hourly_refresh_window_days: int = Field(30, alias="HOURLY_REFRESH_WINDOW_DAYS", gt=0)
 
 
-class PushConfig(_EnvModel):
+class PushConfig(SourceMappingSetting):
     database_url: str | None = Field(None, alias="DATABASE_URL")
     db_secret_arn: str | None = Field(None, alias="DB_SECRET_ARN")
     ingest_url: AnyHttpUrl = Field(alias="INGEST_URL")
@@ -95,13 +109,15 @@ M = TypeVar("M", bound=BaseModel)
 
 def load[M: BaseModel](model: type[M], environ: Mapping[str, str] | None = None) -> M:
     """Validate ``environ`` (default: the process environment) into ``model``."""
+    values = dict(os.environ if environ is None else environ)
     try:
-        return model.model_validate(dict(os.environ if environ is None else environ))
+        return model.model_validate(values)
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_input=False, include_url=False):
             where = ".".join(str(p) for p in err["loc"]) or "configuration"
-            problems.append(f"{where}: {err['msg']}")
+            unset = len(err["loc"]) == 1 and not values.get(where, "").strip()
+            problems.append(f"{where}: not set" if unset else f"{where}: {err['msg']}")
         raise ConfigurationError(f"invalid {model.__name__}: " + "; ".join(problems)) from None
 
 

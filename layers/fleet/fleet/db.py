@@ -16,13 +16,18 @@ from typing import Any
 from urllib.parse import quote
 
 import psycopg
-from psycopg import errors as pgerrors
 
 from fleet.errors import ConfigurationError, DatabaseBusy, DatabaseUnavailable
 from fleet.observability import logger
 
-# SQLSTATEs that mean "the server is overloaded or timed us out: try again soon".
-_BUSY_CODES = {"53000", "53100", "53200", "53300", "53400", "57014", "55P03", "40001", "40P01"}
+# Errors that say the database is busy or down, never something in the data, by
+# SQLSTATE: the class (two characters) or the exact code. Busy: retry soon (429);
+# unavailable: retry later (503). Every other error is the data's or a request's.
+_BUSY_CLASSES = {"53"}  # insufficient resources: too many connections, out of memory, disk full
+_BUSY_CODES = {"40001", "40P01", "55P03"}  # serialization failure, deadlock, lock timeout
+_UNAVAILABLE_CLASSES = {"08"}  # connection exception
+_UNAVAILABLE_CODES = {"57P01", "57P02", "57P03", "57P04", "57P05"}  # shutdown, crash, cannot connect now
+_QUERY_CANCELED = "57014"  # busy when a timeout cancelled it (not a cancel asked for by hand)
 
 
 def conninfo_from_secret(secret: dict[str, Any]) -> str:
@@ -67,10 +72,10 @@ def connect(conninfo: str, *, autocommit: bool = True, connect_timeout: int = 5)
             application_name="fleet-pipeline",
         )
     except psycopg.OperationalError as exc:
-        raise DatabaseUnavailable(_describe(exc)) from exc
+        raise DatabaseUnavailable(describe(exc)) from exc
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """A one-line description of a driver error, without the conninfo (password)."""
     sqlstate = getattr(exc, "sqlstate", None)
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
@@ -79,17 +84,23 @@ def _describe(exc: BaseException) -> str:
 
 
 def classify(exc: psycopg.Error) -> Exception:
-    """Map a driver error to DatabaseBusy / DatabaseUnavailable, or return it as is."""
+    """Map a driver error to DatabaseBusy / DatabaseUnavailable, or return it as is
+    (an error of the data or of the statement: the caller decides, never "retry").
+
+    By SQLSTATE only, not by psycopg's class: psycopg files data-caused states such as
+    54000 (a program limit) under OperationalError too. An error without a SQLSTATE
+    comes from the client library (the connection is gone, or never was)."""
     sqlstate = exc.sqlstate or ""
-    if sqlstate in _BUSY_CODES:
-        return DatabaseBusy(_describe(exc))
-    if (
-        isinstance(exc, psycopg.OperationalError)
-        or sqlstate.startswith("08")
-        or sqlstate.startswith("57P")
-        or isinstance(exc, pgerrors.AdminShutdown)
-    ):
-        return DatabaseUnavailable(_describe(exc))
+    if not sqlstate:
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            return DatabaseUnavailable(describe(exc))
+        return exc
+    if sqlstate[:2] in _BUSY_CLASSES or sqlstate in _BUSY_CODES:
+        return DatabaseBusy(describe(exc))
+    if sqlstate == _QUERY_CANCELED and "timeout" in (exc.diag.message_primary or ""):
+        return DatabaseBusy(describe(exc))
+    if sqlstate[:2] in _UNAVAILABLE_CLASSES or sqlstate in _UNAVAILABLE_CODES:
+        return DatabaseUnavailable(describe(exc))
     return exc
 
 
@@ -131,7 +142,7 @@ class ConnectionHolder:
                 if conn.broken or conn.closed:
                     self.discard()
                     if attempt + 1 < attempts:
-                        logger.warning("database connection lost; reconnecting", extra={"error": _describe(exc)})
+                        logger.warning("database connection lost; reconnecting", extra={"error": describe(exc)})
                         continue
                 if mapped is exc:
                     raise

@@ -5,15 +5,22 @@ unknown caller), then the headers, the size, the body, the items. Every request
 refused after the customer is known leaves an audit row; every invalid item is
 rejected on its own (index and reason) and kept in the quarantine, while the rest
 of the batch lands in the same transaction as the audit row.
+
+No poison batch: 429/503 mean a busy or unreachable database, never something in the
+body (``refusal_for``). A batch the database refuses for its content is written again
+in halves, down to the items it refuses on their own, which are rejected like invalid
+ones. What the parsers may build is bounded (``WHOLE_BODY_VALUES``), so any body within
+the size limits is handled within the function's memory (bench/memory.py).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypedDict
@@ -25,9 +32,10 @@ from pydantic_core import SchemaValidator
 
 from fleet import tokens
 from fleet.config import IngestConfig
-from fleet.db import ConnectionHolder
+from fleet.db import ConnectionHolder, classify, describe
 from fleet.errors import (
     BadRequest,
+    ConfigurationError,
     DatabaseBusy,
     DatabaseUnavailable,
     Forbidden,
@@ -42,9 +50,11 @@ from fleet.ingest_store import (
     IngestStore,
     Reject,
     TokenOwner,
+    WriteOutcome,
     find_token_owner,
     ledger,
     payload_text,
+    storable,
 )
 from fleet.models import ITEM_MODELS, NUL_PATTERNS, BatchType, Measurement, error_message
 from fleet.observability import logger, metrics
@@ -52,6 +62,12 @@ from fleet.observability import logger, metrics
 UNAUTHORIZED_MESSAGE = "missing, unknown, expired or revoked token"
 _MAX_CURSOR = 1024
 _QUARANTINE_BODY_EXCERPT = 65_536
+# What the JSON parsers may build for one request. A body is parsed whole only when it
+# holds at most this many JSON values (counted from its bytes: commas and opening
+# brackets, an upper bound); otherwise item by item, and an item over the bound is
+# rejected unparsed. At 60-110 bytes a value in pydantic-core's or json's trees this
+# keeps a parse under ~55 MB; nesting is bounded by pydantic-core's recursion limit.
+WHOLE_BODY_VALUES = 500_000
 _ONE = {bt: TypeAdapter(model) for bt, model in ITEM_MODELS.items()}
 
 
@@ -115,9 +131,40 @@ class IngestResponse:
 @dataclass
 class _Parsed:
     batch_type: BatchType
-    valid: list[Any]
+    valid: list[Any]  # unique by key for the upserts
+    positions: list[int]  # the index in the request of each of ``valid``
     valid_total: int
     rejects: list[Reject]
+    payload: Callable[[int], str]  # the item at an index as sent, for the quarantine
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """The answer to a request that is not a 200: status, message, Retry-After."""
+
+    status: int
+    message: str
+    retry_after: int | None = None
+
+
+def refusal_for(exc: BaseException) -> Refusal:
+    """The one table from errors to answers, for the audit row and the HTTP response.
+
+    429 and 503 only for a database that is busy or down: the client retries those for
+    ever. Anything else that goes wrong while handling a body is final (a 400); the
+    items the database refuses for their content never get here (they are rejected one
+    by one, see ``IngestService._write``)."""
+    if isinstance(exc, RequestRefused):
+        return Refusal(exc.status, exc.message, exc.retry_after)
+    if isinstance(exc, DatabaseBusy):
+        return Refusal(429, "server busy; retry later", exc.retry_after)
+    if isinstance(exc, DatabaseUnavailable):
+        return Refusal(503, "database unavailable; retry later", exc.retry_after)
+    if isinstance(exc, ConfigurationError):
+        return Refusal(503, "service not configured; retry later", 60)
+    if isinstance(exc, psycopg.Error) and (mapped := classify(exc)) is not exc:
+        return refusal_for(mapped)
+    return Refusal(400, "the request could not be processed; it is kept for the operator")
 
 
 class IngestService:
@@ -145,17 +192,15 @@ class IngestService:
         started = time.perf_counter()
         owner, sha = self.authenticate(request.headers)
         headers = request.headers
-        logger.append_keys(customer_id=owner.customer_id, batch_id=headers.get("x-batch-id"))
+        logger.append_keys(customer_id=owner.customer_id, batch_id=storable(headers.get("x-batch-id"), 64))
         audit = AuditRecord(
             customer_id=owner.customer_id,
             batch_type=(headers.get("x-batch-type") or None),
             batch_id=None,
-            client_cursor=None,
+            client_cursor=headers.get("x-push-cursor"),
             status=200,
             bytes=len(request.body or b""),
         )
-        if audit.batch_type is not None:
-            audit.batch_type = audit.batch_type[:32]
         try:
             if not owner.active:
                 raise Forbidden("customer is disabled")
@@ -163,45 +208,68 @@ class IngestService:
             audit.rejected = len(parsed.rejects)
             audit.rejects = parsed.rejects
             audit.duration_ms = (time.perf_counter() - started) * 1000
-            written = self.connections.run(
-                lambda conn: self.store.write_batch(
-                    conn, audit, parsed.batch_type, parsed.valid, parsed.valid_total, sha
-                )
-            )
-        except RequestRefused as refused:
-            self._audit_refusal(audit, refused.status, refused.message, started)
+            written = self._write(parsed, audit, sha)
+        except Exception as exc:  # every refusal after the customer is known is audited
+            refusal = refusal_for(exc)
+            if refusal.status in (413, 429, 503):
+                audit.rejects, audit.rejected = [], 0  # the client sends the batch again
+            elif not isinstance(exc, RequestRefused):
+                audit.rejects, audit.rejected = [_as_received(request, exc)], 0
+            self._audit_refusal(audit, refusal, started)  # the handler logs what is unexpected
             raise
-        except (DatabaseBusy, DatabaseUnavailable) as exc:
-            audit.rejects, audit.rejected = [], 0  # the client sends the batch again
-            self._audit_refusal(audit, 429 if isinstance(exc, DatabaseBusy) else 503, str(exc), started)
-            raise
-        except psycopg.Error as exc:
-            audit.rejects, audit.rejected = [], 0
-            logger.exception("database error while writing a batch")
-            self._audit_refusal(audit, 503, f"database error {exc.sqlstate or ''}".strip(), started)
-            raise ServiceUnavailable("the batch could not be stored; retry later", retry_after=30) from exc
         self._count(audit)
         body: dict[str, Any] = {
             "accepted": audit.accepted,
             "duplicates": audit.duplicates,
             "rejected": audit.rejected,
-            "errors": [{"index": r.index, "reason": r.reason} for r in parsed.rejects],
+            "errors": [{"index": r.index, "reason": r.reason} for r in audit.rejects],
         }
         if parsed.batch_type is BatchType.DIGESTS:
             body["differ"] = written.differ  # the device-days whose digests differ
         return IngestResponse(200, body)
 
-    def _audit_refusal(self, audit: AuditRecord, status: int, message: str, started: float) -> None:
-        audit.status = status
-        audit.error = message[:1000]
+    def _write(self, parsed: _Parsed, audit: AuditRecord, sha: bytes) -> WriteOutcome:
+        """The batch in one transaction; when the database refuses it for something
+        in it, again in halves down to the items it refuses, which are rejected."""
+        bt, valid = parsed.batch_type, parsed.valid
+        try:
+            return self.connections.run(
+                lambda conn: self.store.write_batch(conn, audit, bt, valid, parsed.valid_total, sha)
+            )
+        except (DatabaseBusy, DatabaseUnavailable):
+            raise
+        except Exception as exc:  # the data's fault, whatever it is: find the items
+            if bt is BatchType.DIGESTS:
+                # A digest holds no data to keep, and rejecting its items would read as
+                # nothing differing: a comparison the database could not make is
+                # answered 503, and the push digests those days again after the wait.
+                if isinstance(exc, psycopg.Error):
+                    logger.exception("database error while comparing digests")
+                    raise ServiceUnavailable("the digests could not be compared; retry later", retry_after=30) from exc
+                raise
+            logger.warning("a batch was refused whole; writing it in parts", extra={"error": describe(exc)})
+            metrics.add_metric(name="BatchesWrittenInParts", unit="Count", value=1)
+
+            def refuse(failed: list[tuple[int, str]]) -> None:
+                by_store = [Reject(parsed.positions[i], r, parsed.payload(parsed.positions[i])) for i, r in failed]
+                audit.rejects = sorted([*parsed.rejects, *by_store], key=_reject_order)
+                audit.rejected = len(audit.rejects)
+
+            return self.connections.run(
+                lambda conn: self.store.write_in_parts(conn, audit, bt, valid, parsed.valid_total, sha, refuse)
+            )
+
+    def _audit_refusal(self, audit: AuditRecord, refusal: Refusal, started: float) -> None:
+        audit.status = refusal.status
+        audit.error = refusal.message
         audit.accepted = audit.duplicates = 0
         audit.duration_ms = (time.perf_counter() - started) * 1000
         metrics.add_metric(name="BatchesRefused", unit="Count", value=1)
         try:
             self.connections.run(lambda conn: self.store.record_refusal(conn, audit))
-        except (DatabaseBusy, DatabaseUnavailable, psycopg.Error) as exc:
-            # The database is the problem; the client is told to retry (429/503).
-            logger.warning("could not write the audit row of a refused batch", extra={"error": str(exc)})
+        except Exception as exc:  # noqa: BLE001 - the answer goes out whatever the audit's fate
+            # A busy or unreachable database: the client is told to retry (429/503).
+            logger.warning("could not write the audit row of a refused batch", extra={"error": describe(exc)})
 
     def _count(self, audit: AuditRecord) -> None:
         metrics.add_metric(name="RowsAccepted", unit="Count", value=audit.accepted)
@@ -211,7 +279,7 @@ class IngestService:
         logger.info(
             "batch ingested",
             extra={
-                "batch_type": audit.batch_type,
+                "batch_type": storable(audit.batch_type, 64),
                 "accepted": audit.accepted,
                 "duplicates": audit.duplicates,
                 "rejected": audit.rejected,
@@ -231,29 +299,37 @@ class IngestService:
         cursor = headers.get("x-push-cursor")
         if cursor is not None and len(cursor) > _MAX_CURSOR:
             raise BadRequest(f"X-Push-Cursor is longer than {_MAX_CURSOR} characters")
-        audit.client_cursor = cursor
         _check_content_type(headers.get("content-type"))
         raw = request.raw_body(self.cfg.max_body_bytes)
         audit.bytes = len(raw)
         if len(raw) > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"body is over {self.cfg.max_body_bytes} bytes")
         body = self._decode(raw, headers.get("content-encoding"))
+        del raw
         audit.decompressed_bytes = len(body)
+        whole = json_values(body) <= WHOLE_BODY_VALUES
         # Fast path: the whole batch is valid; parsed and validated in one pass. Not for
         # a body with an escaped NUL (see _envelope_validator). A backslash is looked
         # for first: one memchr, where a search for the six bytes takes 0.4 ms.
-        if b"\\" not in body or b"\\u0000" not in body:
+        if whole and (b"\\" not in body or b"\\u0000" not in body):
             try:
                 items = self._envelopes[batch_type].validate_json(body)["items"]
             except ValidationError:
                 pass
             else:
-                return self._finish(batch_type, items, [], items)
+                as_sent = _AsSent(body)
+                return self._finish(batch_type, items, list(range(len(items))), [], as_sent.payload)
         # Slow path: find out exactly what is wrong, item by item.
-        raw_items = _envelope(body, audit)
-        if len(raw_items) > self.cfg.max_items:
-            raise PayloadTooLarge(f"batch has {len(raw_items)} items; the limit is {self.cfg.max_items}")
-        return self._validate(batch_type, raw_items)
+        if whole:
+            try:
+                raw_items = _envelope(body, audit)
+            except RecursionError:
+                pass  # nested too deep for a parse of the whole: item by item from the bytes
+            else:
+                if len(raw_items) > self.cfg.max_items:
+                    raise PayloadTooLarge(f"batch has {len(raw_items)} items; the limit is {self.cfg.max_items}")
+                return self._validate(batch_type, raw_items)
+        return self._validate_spans(batch_type, body, audit)
 
     def _decode(self, body: bytes, encoding: str | None) -> bytes:
         enc = (encoding or "identity").strip().lower()
@@ -277,43 +353,81 @@ class IngestService:
                 valid.append(adapter.validate_json(payload))
                 indexes.append(index)
             except ValidationError as exc:
-                reasons = []
-                for err in exc.errors(include_input=False, include_url=False):
-                    where = ".".join(str(p) for p in err["loc"]) or "item"
-                    reasons.append(f"{where}: {error_message(err)}")
-                rejects.append(Reject(index, "; ".join(reasons), payload))
-        return self._finish(batch_type, valid, rejects, items, indexes)
+                rejects.append(Reject(index, _reasons(exc), payload))
+        return self._finish(batch_type, valid, indexes, rejects, lambda i: payload_text(items[i]))
+
+    def _validate_spans(self, batch_type: BatchType, body: bytes, audit: AuditRecord) -> _Parsed:
+        """Item by item from the bytes, for a body too large to parse whole: each item
+        is parsed on its own, so what the parser builds is bounded by one item, and an
+        item over that bound is rejected without being parsed."""
+        if not body.isascii():
+            try:
+                body.decode("utf-8")
+            except UnicodeDecodeError:
+                raise BadRequest("body is not UTF-8") from None
+        try:
+            spans = item_spans(body, self.cfg.max_items)
+        except BadRequest as refused:
+            _quarantine_body(audit, body.decode("utf-8"), refused.message)
+            raise
+        adapter = _ONE[batch_type]
+        valid: list[Any] = []
+        indexes: list[int] = []
+        rejects: list[Reject] = []
+        for index, (start, end) in enumerate(spans):
+            values = json_values(body, start, end)
+            if values > WHOLE_BODY_VALUES:
+                reason = f"item: holds more than {WHOLE_BODY_VALUES} JSON values"
+                rejects.append(Reject(index, reason, body[start:end].decode("utf-8")))
+                continue
+            try:
+                valid.append(adapter.validate_json(body[start:end]))
+                indexes.append(index)
+            except ValidationError as exc:
+                if any(e["type"] == "json_invalid" and "recursion" not in e["msg"] for e in exc.errors()):
+                    _quarantine_body(audit, body.decode("utf-8"), "not JSON")
+                    raise BadRequest("body is not valid JSON") from None
+                rejects.append(Reject(index, _reasons(exc), body[start:end].decode("utf-8")))
+        return self._finish(batch_type, valid, indexes, rejects, lambda i: body[slice(*spans[i])].decode("utf-8"))
 
     def _finish(
         self,
         batch_type: BatchType,
         valid: list[Any],
+        indexes: list[int],
         rejects: list[Reject],
-        items: list[Any],
-        indexes: list[int] | None = None,
+        payload: Callable[[int], str],
     ) -> _Parsed:
         if batch_type is BatchType.MEASUREMENTS:
-            _in_utc(valid)
-            valid, late = self._drop_future(valid, indexes or list(range(len(valid))), items)
+            valid, indexes, late = self._times(valid, indexes, payload)
             if late:
-                rejects = sorted([*rejects, *late], key=lambda r: r.index if r.index is not None else -1)
-        return _Parsed(batch_type, _unique(batch_type, valid), len(valid), rejects)
+                rejects = sorted([*rejects, *late], key=_reject_order)
+        total = len(valid)
+        valid, indexes = _unique(batch_type, valid, indexes)
+        return _Parsed(batch_type, valid, indexes, total, rejects, payload)
 
-    def _drop_future(
-        self, models: list[Measurement], indexes: list[int], items: list[Any]
-    ) -> tuple[list[Measurement], list[Reject]]:
+    def _times(
+        self, models: list[Measurement], indexes: list[int], payload: Callable[[int], str]
+    ) -> tuple[list[Measurement], list[int], list[Reject]]:
+        """Times moved to UTC; those that cannot be (before year 1 or after 9999 in
+        UTC) or lie too far in the future are rejected."""
+        unmovable = _in_utc(models)
         limit = datetime.now(UTC) + timedelta(seconds=self.cfg.max_future_seconds)
-        if max((m["time"] for m in models), default=limit) <= limit:
-            return models, []
+        if not unmovable and max((m["time"] for m in models), default=limit) <= limit:
+            return models, indexes, []
         kept: list[Measurement] = []
+        kept_at: list[int] = []
         rejects: list[Reject] = []
-        reason = f"time: more than {self.cfg.max_future_seconds} s in the future"
-        for m, i in zip(models, indexes, strict=True):
-            if m["time"] <= limit:
-                kept.append(m)
+        late = f"time: more than {self.cfg.max_future_seconds} s in the future"
+        for position, (m, i) in enumerate(zip(models, indexes, strict=True)):
+            if position in unmovable:
+                rejects.append(Reject(i, "time: outside the years 1 to 9999 in UTC", payload(i)))
+            elif m["time"] > limit:
+                rejects.append(Reject(i, late, payload(i)))
             else:
-                rejects.append(Reject(i, reason, payload_text(items[i])))
-        return kept, rejects
+                kept.append(m)
+                kept_at.append(i)
+        return kept, kept_at, rejects
 
     # -- GET /api/fleet/ingest/state -------------------------------------------
     def state(self, headers: Mapping[str, str]) -> IngestResponse:
@@ -377,14 +491,17 @@ def _batch_id(raw: str | None) -> uuid.UUID | None:
 
 
 def _envelope(body: bytes, audit: AuditRecord) -> list[Any]:
-    """``{"items": [...]}`` or BadRequest; the refused body is kept (an excerpt)."""
+    """``{"items": [...]}`` or BadRequest; the refused body is kept (an excerpt).
+
+    RecursionError (nesting deeper than the json module goes) is left to the caller,
+    which then takes the body item by item."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError:
         raise BadRequest("body is not UTF-8") from None
     try:
         doc = json.loads(text)
-    except (ValueError, RecursionError):
+    except ValueError:
         _quarantine_body(audit, text, "not JSON")
         raise BadRequest("body is not valid JSON") from None
     if not isinstance(doc, dict):
@@ -396,33 +513,283 @@ def _envelope(body: bytes, audit: AuditRecord) -> list[Any]:
     if not isinstance(doc["items"], list):
         _quarantine_body(audit, text, "items not a list")
         raise BadRequest('"items" must be a list')
-    extra = sorted(set(doc) - {"items"})
-    if extra:
-        _quarantine_body(audit, text, "unknown keys")
-        raise BadRequest(f"unknown top-level keys: {', '.join(k[:40] for k in extra[:5])}")
+    _refuse_extra_keys(audit, text, [k for k in doc if k != "items"])
     return doc["items"]
 
 
+def _refuse_extra_keys(audit: AuditRecord, text: str, extra: list[str]) -> None:
+    if extra:
+        _quarantine_body(audit, text, "unknown keys")
+        # Named as JSON (escaped): a key may hold a NUL or a lone surrogate.
+        named = ", ".join(json.dumps(k)[:40] for k in sorted(extra)[:5])
+        raise BadRequest(f"unknown top-level keys: {named}")
+
+
 def _quarantine_body(audit: AuditRecord, text: str, reason: str) -> None:
-    excerpt = text[:_QUARANTINE_BODY_EXCERPT].encode("utf-8", "backslashreplace").decode("utf-8")
-    audit.rejects = [Reject(None, f"body refused: {reason}", excerpt.replace("\x00", "\\u0000"))]
+    # storable() escapes what PostgreSQL cannot hold when the row is written.
+    audit.rejects = [Reject(None, f"body refused: {reason}", text[:_QUARANTINE_BODY_EXCERPT])]
 
 
-def _in_utc(models: list[Measurement]) -> None:
+def _as_received(request: IngestRequest, exc: Exception) -> Reject:
+    """The body as it arrived (base64 as it came), for a request that failed
+    unexpectedly: kept in the quarantine with the kind of failure."""
+    body = request.body or ""
+    text = body.decode("utf-8", "backslashreplace") if isinstance(body, bytes) else body
+    return Reject(None, f"body refused: could not be processed ({type(exc).__name__})", text[:_QUARANTINE_BODY_EXCERPT])
+
+
+def _reasons(exc: ValidationError) -> str:
+    reasons = []
+    for err in exc.errors(include_input=False, include_url=False):
+        where = ".".join(str(p) for p in err["loc"]) or "item"
+        reasons.append(f"{where}: {error_message(err)}")
+    return "; ".join(reasons)
+
+
+def _reject_order(reject: Reject) -> int:
+    return reject.index if reject.index is not None else -1
+
+
+def _in_utc(models: list[Measurement]) -> set[int]:
     """Times moved to ``datetime.UTC``, in place: with pydantic's own tzinfo every
     comparison and subtraction after this (the future-time check, the array
-    encoder) is several times slower."""
-    for m in models:
-        m["time"] = m["time"].astimezone(UTC)
+    encoder) is several times slower. Returns the positions of the times that cannot
+    be moved (0001-01-01T00:00:00+01:00 is in year 0 in UTC)."""
+    unmovable: set[int] = set()
+    for position, m in enumerate(models):
+        try:
+            m["time"] = m["time"].astimezone(UTC)
+        except OverflowError:
+            unmovable.add(position)
+    return unmovable
 
 
-def _unique(batch_type: BatchType, models: Sequence[Any]) -> list[Any]:
-    """One row per key for the upserts: the last site or device (the newest description)."""
+def _unique(batch_type: BatchType, models: list[Any], positions: list[int]) -> tuple[list[Any], list[int]]:
+    """One row per key for the upserts: the last site or device (the newest description),
+    the last digest of a device-day."""
     if batch_type is BatchType.MEASUREMENTS:
         # Repeats inside the batch are left to ON CONFLICT DO NOTHING, which keeps
         # the first and counts the rest as duplicates.
-        return list(models)
-    latest: dict[Any, Any] = {}
-    for item in models:
-        latest[(item["device_id"], item["day"]) if batch_type is BatchType.DIGESTS else item["id"]] = item
-    return list(latest.values())
+        return models, positions
+    latest: dict[Any, tuple[Any, int]] = {}
+    for item, position in zip(models, positions, strict=True):
+        key = (item["device_id"], item["day"]) if batch_type is BatchType.DIGESTS else item["id"]
+        latest.pop(key, None)  # re-inserted: the dict keeps the order of the last
+        latest[key] = (item, position)
+    return [m for m, _ in latest.values()], [p for _, p in latest.values()]
+
+
+class _AsSent:
+    """The items of a body that passed whole, parsed again only if one must be
+    quarantined (the database refused it): the payload as the client sent it."""
+
+    def __init__(self, body: bytes) -> None:
+        self._body = body
+        self._items: list[Any] | None = None
+
+    def payload(self, index: int) -> str:
+        if self._items is None:
+            self._items = json.loads(self._body)["items"]
+        return payload_text(self._items[index])
+
+
+def json_values(body: bytes, start: int = 0, end: int | None = None) -> int:
+    """An upper bound on the JSON values (and keys) in ``body[start:end]``, from its
+    bytes: every value after a container's first follows a comma, and every container
+    opens with a bracket. Commas and brackets inside strings only raise the bound."""
+    end = len(body) if end is None else end
+    return body.count(b",", start, end) + body.count(b"[", start, end) + body.count(b"{", start, end) + 1
+
+
+def item_spans(body: bytes, max_items: int) -> list[tuple[int, int]]:
+    """Where each item of ``{"items": [...]}`` starts and ends in ``body``, without
+    building any of them (see ``_ItemSplitter``). Only the envelope is checked here
+    (400) and the count of items (413); each item is checked by its own parse."""
+    return _ItemSplitter(body, max_items).spans()
+
+
+# A copy of the body in which only structure is left, byte for byte at the same
+# positions: escapes and every byte that is not a quote, bracket, comma or colon
+# become "0", strings holding a bracket are blanked, and small containers of nothing
+# but scalars ("[]", "{}", "[1]", "[[]]" ...) become zeros too, so that millions of
+# them cost nothing to skip. All in C (translate, replace, one anchored regex).
+_STRUCTURE = bytes(c if c in b'"[]{},:' else 0x30 for c in range(256))
+_BRACKETED_STRING = re.compile(rb'(?:[^"]++|"[^"\[\]{}]*+")*+("[^"]*+")')
+_SMALL_CONTAINERS = [o + b"0" * k + c for k in range(4) for o, c in ((b"[", b"]"), (b"{", b"}"))]
+_TOKEN = re.compile(rb'"[^"]*"|[\[{]+|[\]}]+|[,:]|"')  # at the items' level and above
+_BRACKET_RUN = re.compile(rb"[\[{]+|[\]}]+")  # inside an item; brackets in strings are gone by then
+_FEW_BRACKETS = 10_000  # fewer are scanned as they are
+_WHITESPACE = b" \t\r\n"
+_DOOMED_DEPTH = 256  # past pydantic-core's recursion limit: the item is rejected anyway
+
+
+def _structure(body: bytes) -> bytes:
+    scan = body
+    if b"\\" in body:  # escapes: every quote left after this is a delimiter
+        scan = body.replace(b"\\\\", b"00").replace(b'\\"', b"00")
+    blanked: bytearray | None = None
+    pos = 0
+    while (m := _BRACKETED_STRING.match(scan, pos)) and m.group(1):
+        blanked = blanked if blanked is not None else bytearray(scan)
+        a, b = m.span(1)
+        blanked[a + 1 : b - 1] = b"0" * (b - a - 2)
+        pos = b
+    scan = bytes(blanked) if blanked is not None else scan
+    scan = scan.translate(_STRUCTURE).replace(b'""', b"00")
+    brackets = scan.count(b"[") + scan.count(b"{")
+    for _ in range(3):  # "[[[]]]" needs three rounds; a round costs ~15 ms a MB
+        if brackets < _FEW_BRACKETS:
+            break
+        for small in _SMALL_CONTAINERS:
+            scan = scan.replace(small, b"0" * len(small))
+        left = scan.count(b"[") + scan.count(b"{")
+        if left > brackets // 2:
+            break  # what is left is not made of small containers
+        brackets = left
+    return scan
+
+
+class _ItemSplitter:
+    """A scan of the structure: strings and brackets at the top two levels, runs of
+    brackets inside an item, and an item nested past ``_DOOMED_DEPTH`` skipped by
+    counting brackets in blocks."""
+
+    def __init__(self, body: bytes, max_items: int) -> None:
+        self.body = body
+        self.max_items = max_items
+        self.scan = _structure(body)
+        self.items: list[tuple[int, int]] = []
+        self.extra: list[str] = []
+        self.depth = 0
+        self.in_items = False  # inside the items array: depth 2 is then an item's level
+        self.item_from = -1  # where the current item begins (after "[" or ",")
+        self.key: tuple[int, int] | None = None  # the last string at depth 1
+        self.seen_items = False
+        self._next = dict.fromkeys(b"[]{}", -1)  # the next of each bracket found so far
+
+    def _next_bracket(self, pos: int) -> int:
+        """Where the next bracket is at or after ``pos``: one find per kind, remembered
+        until passed (a regex search is ~60x slower through a long stretch of zeros)."""
+        for kind, at in self._next.items():
+            if at < pos and at != len(self.scan):
+                found = self.scan.find(kind, pos)
+                self._next[kind] = len(self.scan) if found < 0 else found
+        return min(self._next.values())
+
+    def spans(self) -> list[tuple[int, int]]:
+        pos = self._skip_space(0)
+        if self.scan[pos : pos + 1] != b"{":
+            raise BadRequest('body must be a JSON object {"items": [...]}')
+        self.depth, pos = 1, pos + 1
+        while self.depth:
+            token = _BRACKET_RUN.match(self.scan, self._next_bracket(pos)) if self.depth > 2 else None
+            token = token or _TOKEN.search(self.scan, pos)
+            if token is None:
+                raise BadRequest("body is not valid JSON")
+            pos = self._take(token.start(), token.end())
+        if self.body[pos:].strip(_WHITESPACE):
+            raise BadRequest("body is not valid JSON")
+        if not self.seen_items:
+            raise BadRequest('body must have an "items" list')
+        if self.extra:
+            named = ", ".join(json.dumps(k)[:40] for k in sorted(self.extra)[:5])
+            raise BadRequest(f"unknown top-level keys: {named}")
+        return self.items
+
+    def _take(self, at: int, end: int) -> int:
+        """One token; returns where the scan goes on."""
+        c = self.scan[at]
+        if c == 0x22:  # a string (at depth 1 or 2)
+            if end - at == 1:
+                raise BadRequest("body is not valid JSON")
+            if self.depth == 1:
+                self.key = (at, end)
+        elif c == 0x3A:  # ":"
+            if self.depth == 1:
+                return self._value_of_key(end)
+        elif c == 0x2C:  # ","
+            if self.in_items and self.depth == 2:
+                self._add(self.item_from, at)
+                self.item_from = end
+        elif c in b"[{":
+            self.depth += end - at
+            if self.in_items and self.depth > 2 + _DOOMED_DEPTH:
+                return self._past_deep_part(end)
+        else:
+            self._close(end - at, end)
+        return end
+
+    def _value_of_key(self, after_colon: int) -> int:
+        try:
+            # No string before the colon: the key was "" (blanked with the empty strings).
+            name = json.loads(self.body[self.key[0] : self.key[1]]) if self.key else ""
+        except ValueError:
+            raise BadRequest("body is not valid JSON") from None
+        self.key = None
+        if name != "items":
+            self.extra.append(name)
+            return after_colon
+        self.seen_items = True
+        at = self._skip_space(after_colon)
+        if self.body[at : at + 1] != b"[":
+            raise BadRequest('"items" must be a list')
+        if self.scan[at : at + 1] == b"0":  # a small container: "[]" or a few scalars
+            end = self.body.index(b"]", at) + 1
+            self.in_items, self.item_from, self.depth = True, at + 1, 2
+            self._close(1, end)
+            return end
+        self.in_items, self.item_from, self.depth = True, at + 1, 2
+        return at + 1
+
+    def _close(self, run: int, end: int) -> None:
+        """A run of closing brackets ending at ``end``."""
+        if self.in_items and self.depth > 2:
+            inside = min(run, self.depth - 2)
+            self.depth, run = self.depth - inside, run - inside
+        if run and self.in_items and self.depth == 2:  # the items array closes
+            self._add(self.item_from, end - run, last=True)
+            self.in_items, self.depth, run = False, 1, run - 1
+        self.depth -= run
+        if self.depth < 0:
+            raise BadRequest("body is not valid JSON")
+
+    def _past_deep_part(self, pos: int) -> int:
+        """Skip to where the item is back at depth ``2 + _DOOMED_DEPTH``, counting
+        brackets in blocks: a block with fewer closing brackets than the depth to
+        climb cannot hold the way out."""
+        scan, target = self.scan, 2 + _DOOMED_DEPTH
+        block = 65_536
+        while self.depth > target:
+            if pos >= len(scan):
+                raise BadRequest("body is not valid JSON")
+            end = min(pos + block, len(scan))
+            closing = scan.count(b"]", pos, end) + scan.count(b"}", pos, end)
+            if self.depth - closing > target:
+                self.depth += scan.count(b"[", pos, end) + scan.count(b"{", pos, end) - closing
+                pos, block = end, min(block * 2, 65_536)
+            elif end - pos > 64:
+                block = (end - pos) // 2
+            else:
+                c = scan[pos]
+                self.depth += 1 if c in b"[{" else -1 if c in b"]}" else 0
+                pos += 1
+        return pos
+
+    def _add(self, start: int, end: int, last: bool = False) -> None:
+        body = self.body
+        while start < end and body[start] in _WHITESPACE:
+            start += 1
+        while end > start and body[end - 1] in _WHITESPACE:
+            end -= 1
+        if start == end:
+            if last and not self.items:
+                return  # "[ ]"
+            raise BadRequest("body is not valid JSON")
+        self.items.append((start, end))
+        if len(self.items) > self.max_items:
+            raise PayloadTooLarge(f"batch has more than {self.max_items} items")
+
+    def _skip_space(self, pos: int) -> int:
+        while pos < len(self.body) and self.body[pos] in _WHITESPACE:
+            pos += 1
+        return pos

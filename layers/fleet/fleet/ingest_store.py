@@ -9,17 +9,61 @@ without parsing: faster, by the benchmark, than text arrays or handing it the JS
 from __future__ import annotations
 
 import json
+import re
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
+from fleet.db import classify
+from fleet.errors import DatabaseUnavailable, PayloadTooLarge
 from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
 from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
 from fleet.reconcile_store import compare_digests
+
+# What PostgreSQL's text cannot hold: NUL, and UTF-16 surrogates (a JSON escape such
+# as \ud800 decodes to one, alone, and UTF-8 cannot encode it).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+_MAX_AUDIT_TEXT = 16_384
+# Halving costs about 2k log2(n) statements for k refused items of n; past this many
+# the request is answered 413 (the client halves its batch, and each half is cheaper
+# to search) rather than running into the function's timeout.
+MAX_PART_ATTEMPTS = 512  # a header value; API Gateway refuses larger headers anyway
+
+
+def storable(text: str | None, limit: int | None = _MAX_AUDIT_TEXT) -> str | None:
+    """Text as it can go into a text column, the original recoverable.
+
+    Text PostgreSQL can store is kept as it is. Text it cannot (a NUL, a lone
+    surrogate), and text that starts with a double quote, is kept as its JSON string
+    literal in ASCII: ``json.loads`` of a stored value that starts with ``"`` gives the
+    original back (``recovered``). Text over ``limit`` characters is cut there and the
+    number of characters left out is said after the literal."""
+    if text is None:
+        return None
+    cut = 0
+    if limit is not None and len(text) > limit:
+        text, cut = text[:limit], len(text) - limit
+    # ASCII holds no surrogate, and a NUL is found by memchr: a 16 MB item in 5 ms.
+    fine = "\x00" not in text if text.isascii() else not _UNSTORABLE.search(text)
+    if not cut and not text.startswith('"') and fine:
+        return text
+    literal = json.dumps(text, ensure_ascii=True)
+    return f"{literal} ({cut} more characters)" if cut else literal
+
+
+def recovered(stored: str | None) -> str | None:
+    """The original of a value ``storable`` kept (whole, when it was not cut)."""
+    if stored is None or not stored.startswith('"'):
+        return stored
+    try:
+        value = json.loads(stored)
+    except ValueError:
+        return stored  # cut: the literal is followed by the count of what was left out
+    return value if isinstance(value, str) else stored
 
 
 @dataclass(frozen=True)
@@ -97,11 +141,16 @@ class IngestStore:
         self._has_rollup: bool | None = None
 
     def has_rollup(self, conn: psycopg.Connection) -> bool:
-        """postgres profile: the hourly rollup table is kept by the ingest.
+        """postgres profile: the hourly state is a table the ingest keeps (in the
+        timescale profile it is the continuous aggregate; before the upgrade of
+        007_hourly_state.postgres.sql, the table fleet.hourly_rollup).
 
         A property of the database, asked once per store (one store, one database)."""
         if self._has_rollup is None:
-            row = conn.execute("SELECT to_regclass('fleet.hourly_rollup') IS NOT NULL").fetchone()
+            row = conn.execute(
+                "SELECT EXISTS (SELECT 1 FROM pg_class WHERE relkind = 'r'"
+                " AND oid IN (to_regclass('fleet.hourly_state'), to_regclass('fleet.hourly_rollup')))"
+            ).fetchone()
             self._has_rollup = bool(row and row[0])
         return self._has_rollup
 
@@ -125,33 +174,114 @@ class IngestStore:
         are the same; only the waiting between them is gone."""
         with conn.pipeline(), conn.transaction():
             _timeouts(conn, self.statement_timeout_ms)
-            if batch_type is BatchType.MEASUREMENTS:
-                outcome = self._measurements(conn, audit.customer_id, items)  # type: ignore[arg-type]
-            elif batch_type is BatchType.DIGESTS:
-                compared = compare_digests(conn, audit.customer_id, items)
-                outcome = WriteOutcome(compared.compared, 0, differ=compared.differ)
-            elif batch_type is BatchType.SITES:
-                outcome = WriteOutcome(*_upsert_sites(conn, audit.customer_id, items))  # type: ignore[arg-type]
-            else:
-                outcome = WriteOutcome(*_upsert_devices(conn, audit.customer_id, items))  # type: ignore[arg-type]
+            outcome = self._rows(conn, audit.customer_id, batch_type, items)
             audit.accepted = outcome.accepted
             audit.duplicates = valid_total - outcome.accepted
             audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
-            _insert_audit(conn, audit)
-            conn.execute(
-                "UPDATE fleet.customers SET first_seen_at = coalesce(first_seen_at, now()),"
-                " last_seen_at = now() WHERE id = %s",
-                (audit.customer_id,),
-            )
-            conn.execute(
-                "UPDATE fleet.customer_tokens SET last_used_at = now() WHERE token_sha256 = %s"
-                " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
-                (token_sha256,),
-            )
+            self._close_batch(conn, audit, token_sha256)
         return outcome
 
+    def write_in_parts(
+        self,
+        conn: psycopg.Connection,
+        audit: AuditRecord,
+        batch_type: BatchType,
+        items: Sequence[Site | Device | Measurement],
+        valid_total: int,
+        token_sha256: bytes,
+        refuse: Callable[[list[tuple[int, str]]], None],
+    ) -> WriteOutcome:
+        """The batch again, after ``write_batch`` failed for a reason that is not a busy
+        or unavailable database: halves under savepoints, down to the items that fail
+        on their own, in one transaction with the audit row.
+
+        ``refuse`` is handed (position in ``items``, reason) of each item the database
+        refused, before the audit row is written, so the caller can add them to it. A
+        busy or unavailable database on the way still fails the whole (429/503): nothing
+        is refused for it. With k bad items of n this costs about 2k log2(n) statements;
+        past ``MAX_PART_ATTEMPTS`` the whole is refused with a 413 (send smaller batches)."""
+        failed: list[tuple[int, str]] = []
+        with conn.transaction():
+            _timeouts(conn, self.statement_timeout_ms)
+            outcome = self._halving(conn, audit.customer_id, batch_type, items, failed)
+            refuse(failed)
+            audit.accepted = outcome.accepted
+            audit.duplicates = valid_total - outcome.accepted - len(failed)
+            audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
+            self._close_batch(conn, audit, token_sha256)
+        return outcome
+
+    def _halving(
+        self,
+        conn: psycopg.Connection,
+        customer_id: str,
+        batch_type: BatchType,
+        items: Sequence[Site | Device | Measurement],
+        failed: list[tuple[int, str]],
+    ) -> WriteOutcome:
+        total = WriteOutcome(0, 0)
+        todo = [(0, len(items))]
+        attempts = 0
+        while todo:
+            lo, hi = todo.pop()
+            attempts += 1
+            if attempts > MAX_PART_ATTEMPTS:
+                raise PayloadTooLarge(
+                    f"the database refused more items of this batch than it can look for in one request;"
+                    f" send it in smaller batches ({len(failed)} refused in the first part)"
+                )
+            try:
+                with conn.transaction():  # a savepoint
+                    part = self._rows(conn, customer_id, batch_type, items[lo:hi])
+            except Exception as exc:  # noqa: BLE001 - anything the data caused, judged below
+                _raise_unless_the_data(conn, exc)
+                if hi - lo == 1:
+                    failed.append((lo, _refusal_reason(exc)))
+                else:
+                    mid = (lo + hi) // 2
+                    todo += [(mid, hi), (lo, mid)]  # the first half first: items keep their order
+                continue
+            total.accepted += part.accepted
+            total.duplicates += part.duplicates
+            total.differ += part.differ
+            if part.min_time is not None:
+                total.min_time = min(total.min_time or part.min_time, part.min_time)
+            if part.max_time is not None:
+                total.max_time = max(total.max_time or part.max_time, part.max_time)
+        failed.sort()
+        return total
+
+    def _rows(
+        self,
+        conn: psycopg.Connection,
+        customer_id: str,
+        batch_type: BatchType,
+        items: Sequence[Site | Device | Measurement],
+    ) -> WriteOutcome:
+        if batch_type is BatchType.MEASUREMENTS:
+            return self._measurements(conn, customer_id, items)  # type: ignore[arg-type]
+        if batch_type is BatchType.DIGESTS:
+            compared = compare_digests(conn, customer_id, items)
+            return WriteOutcome(compared.compared, 0, differ=compared.differ)
+        if batch_type is BatchType.SITES:
+            return WriteOutcome(*_upsert_sites(conn, customer_id, items))  # type: ignore[arg-type]
+        return WriteOutcome(*_upsert_devices(conn, customer_id, items))  # type: ignore[arg-type]
+
+    def _close_batch(self, conn: psycopg.Connection, audit: AuditRecord, token_sha256: bytes) -> None:
+        _insert_audit(conn, audit)
+        conn.execute(
+            "UPDATE fleet.customers SET first_seen_at = coalesce(first_seen_at, now()),"
+            " last_seen_at = now() WHERE id = %s",
+            (audit.customer_id,),
+        )
+        conn.execute(
+            "UPDATE fleet.customer_tokens SET last_used_at = now() WHERE token_sha256 = %s"
+            " AND (last_used_at IS NULL OR last_used_at < now() - interval '1 minute')",
+            (token_sha256,),
+        )
+
     def _measurements(self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]) -> WriteOutcome:
-        """One call of fleet.insert_measurements (sql/admin/004_*, 005_*): columns as arrays."""
+        """One call of fleet.insert_measurements (sql/admin/005_*, 007_*): columns as arrays."""
         if not items:
             return WriteOutcome(0, 0)
         row = conn.execute(
@@ -189,6 +319,22 @@ class IngestStore:
             _insert_audit(conn, audit)
 
 
+def _raise_unless_the_data(conn: psycopg.Connection, exc: Exception) -> None:
+    """Re-raise what says the database is busy or gone: no item is to blame for it."""
+    if isinstance(exc, psycopg.Error):
+        mapped = classify(exc)
+        if mapped is not exc:
+            raise mapped from exc
+        if conn.broken or conn.closed:
+            raise DatabaseUnavailable("the connection was lost while writing a batch") from exc
+
+
+def _refusal_reason(exc: Exception) -> str:
+    if isinstance(exc, psycopg.Error):
+        return f"the database refused the item: [{exc.sqlstate}] {exc.diag.message_primary or type(exc).__name__}"
+    return f"the item could not be stored: {type(exc).__name__}: {str(exc)[:200]}"
+
+
 def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
     row = conn.execute(
         "INSERT INTO fleet.ingest_events (customer_id, batch_type, batch_id, accepted, duplicates,"
@@ -196,19 +342,19 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
         " status, error) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id",
         (
             a.customer_id,
-            a.batch_type,
+            storable(a.batch_type),
             a.batch_id,
             a.accepted,
             a.duplicates,
             a.rejected,
             a.bytes,
             a.decompressed_bytes,
-            a.client_cursor,
+            storable(a.client_cursor),
             a.min_time,
             a.max_time,
             a.duration_ms,
             a.status,
-            a.error,
+            storable(a.error, 1000),
         ),
     ).fetchone()
     assert row is not None
@@ -217,14 +363,15 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
         conn.execute(
             "INSERT INTO fleet.quarantine (ingest_event_id, customer_id, batch_type, item_index,"
             " reason, payload)"
-            " SELECT %s, %s, %s, i, r, p FROM unnest(%s::int[], %s::text[], %s::text[]) AS u(i, r, p)",
+            " SELECT %s, %s, %s, i, r, p FROM unnest(%s::int[], %b::text[], %b::text[]) AS u(i, r, p)",
             (
                 event_id,
                 a.customer_id,
-                a.batch_type,
+                storable(a.batch_type),
                 [r.index for r in a.rejects],
-                [r.reason for r in a.rejects],
-                [r.payload for r in a.rejects],
+                # Binary: psycopg's text arrays escape each element with a regex.
+                TextArray.of([storable(r.reason, 2000) for r in a.rejects]),
+                TextArray.of_large([storable(r.payload, None) or "" for r in a.rejects]),
             ),
         )
     return event_id
@@ -313,7 +460,7 @@ def ledger(conn: psycopg.Connection, customer_id: str) -> dict[str, dict[str, An
             (customer_id, batch_type.value),
         ).fetchone()
         out[batch_type.value] = {
-            "cursor": row[0] if row else None,
+            "cursor": recovered(row[0]) if row else None,
             "batch_id": str(row[1]) if row and row[1] else None,
             "acknowledged_at": row[2].isoformat() if row else None,
         }

@@ -8,7 +8,9 @@ Rules (DESIGN.md, Client side):
   1 min doubling to a 30 min cap, with jitter;
 - 401/403, and a 400 for a whole batch, back off at the cap and raise the alarm
   metric; the cursor never moves past a refused batch;
-- a resource in backoff does not block the others;
+- a resource in backoff does not block the others, and one that fails (a query
+  error on sites, a table that no longer fits the mapping) records its failure on
+  itself while the others go on in the same tick;
 - a missing state item resumes from the server's ledger, not from zero.
 """
 
@@ -30,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from fleet import push_source
+from fleet import db, push_source
+from fleet.errors import FleetError
 from fleet.observability import logger, metrics
-from fleet.push_source import Cursor, MeasurementPage
+from fleet.push_source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
 
@@ -121,6 +124,28 @@ def _drop(ahead: Future[Any] | None) -> None:
             ahead.result()
 
 
+def _describe(exc: psycopg.Error | FleetError) -> str:
+    """A failure in a line or a few: a driver error without the connection's details."""
+    if isinstance(exc, psycopg.Error):
+        return db.describe(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _cursor_or_start(text: str | None) -> str | None:
+    """The ledger's cursor when the push can read it; else the start of the legacy
+    phase (every row is sent again, harmlessly), said loudly."""
+    try:
+        Cursor.decode(text)
+    except UnreadableCursor as exc:
+        metrics.add_metric(name="PushCursorReset", unit="Count", value=1)
+        logger.error(
+            "the ledger's push cursor is unreadable too; pushing every row again from the start",
+            extra={"error": str(exc), "cursor": (text or "")[:200]},
+        )
+        return START.encode()
+    return text
+
+
 def backoff_delay(failures: int, rng: Callable[[], float] = random.random) -> float:
     """1 min doubling to a 30 min cap, with jitter (between half and all of it)."""
     ceiling = min(BACKOFF_CAP_S, BACKOFF_BASE_S * 2 ** max(failures - 1, 0))
@@ -170,9 +195,11 @@ class PushService:
         checkpoints: Checkpoints | None = None,
         read_ahead: bool = True,
         time_budget_s: float | None = None,
+        source: PortalSource | None = None,
         digests: DigestPush | None = None,
     ) -> None:
         self._connect = connect
+        self.source = source or PortalSource()  # where the portal keeps each resource
         self.state = state
         self.client = client
         self.batch_size = batch_size
@@ -196,10 +223,15 @@ class PushService:
         budget = time_budget_s if time_budget_s is not None else self.time_budget_s
         deadline = math.inf if budget is None else self.clock() + budget
         report = TickReport()
-        with self._connect() as conn:
+        with contextlib.ExitStack() as connections:
+            conn: psycopg.Connection | None = None
             for resource in RESOURCES:
+                if conn is None or conn.closed or conn.broken:  # one resource's failure may have ended it
+                    conn = connections.enter_context(self._connect())
                 report.resources[resource] = self._run_resource(conn, resource, owner, deadline)
-            if self.digests is not None and not conn.broken:
+            if self.digests is not None:
+                if conn is None or conn.closed or conn.broken:
+                    conn = connections.enter_context(self._connect())
                 report.resources["digests"] = self.digests.run(conn, owner, deadline)
         return report
 
@@ -228,6 +260,8 @@ class PushService:
             rep.outcome = "leased"
             rep.detail = str(exc)
             logger.warning("lease lost; stopping this resource", extra={"resource": resource})
+        except (psycopg.Error, FleetError) as exc:  # a query error, a table that no longer fits: its own
+            self._failed(state, owner, rep, f"{resource}: {_describe(exc)}")
         finally:
             self.state.release(resource, owner)
         return rep
@@ -251,13 +285,31 @@ class PushService:
         state.server_max_items = limits.get("max_items")
         state.server_max_bytes = limits.get("max_body_bytes")
         if state.resource == "measurements":
-            state.cursor = entry.get("cursor")
+            state.cursor = _cursor_or_start(entry.get("cursor"))
         self.state.save(state, owner)
         logger.info(
             "push state missing; resuming from the server's ledger",
             extra={"resource": state.resource, "cursor": state.cursor},
         )
         return True
+
+    def _readable_cursor(self, state: ResourceState, owner: str, rep: ResourceReport) -> Cursor | None:
+        """The cursor to go on from. One the push cannot read (its state damaged, or in
+        a format this version does not know) is replaced by the server's ledger's, and
+        when that one cannot be read either, by the start (re-sending is harmless):
+        loudly (an error log, a metric), never silently, and never stuck. None when the
+        ledger cannot be asked now (the failure is recorded; the next tick asks again)."""
+        try:
+            return Cursor.decode(state.cursor)
+        except UnreadableCursor as exc:
+            metrics.add_metric(name="PushCursorUnreadable", unit="Count", value=1)
+            logger.error(
+                "push cursor unreadable; resuming from the server's ledger",
+                extra={"resource": state.resource, "error": str(exc), "cursor": (state.cursor or "")[:200]},
+            )
+        if not self._recover(state, owner, rep):
+            return None
+        return Cursor.decode(state.cursor)  # _recover keeps only a cursor it can read
 
     def _ceiling(self, state: ResourceState) -> int:
         ceiling = self.batch_size
@@ -272,11 +324,8 @@ class PushService:
     def _push_measurements(
         self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport, deadline: float
     ) -> None:
-        try:
-            cursor = Cursor.decode(state.cursor)
-        except ValueError as exc:
-            # An unreadable cursor is never taken as "start over" silently.
-            self._refused(state, owner, rep, str(exc))
+        cursor = self._readable_cursor(state, owner, rep)
+        if cursor is None:
             return
         # The tick's rows come from one statement per phase that the server runs ahead
         # of the pages (MeasurementReader). Read-ahead: while one batch is sent, a
@@ -290,7 +339,7 @@ class PushService:
         max_rows = self._size(state) * self.max_batches
         with (
             switches,
-            push_source.MeasurementReader(conn, cursor, max_rows) as source,
+            self.source.reader(conn, cursor, max_rows) as source,
             ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader,
         ):
 
@@ -335,13 +384,19 @@ class PushService:
             self._report_lag(conn, cursor)
 
     def _report_lag(self, conn: psycopg.Connection, cursor: Cursor) -> None:
-        oldest = push_source.oldest_unpushed(conn, cursor)
+        try:
+            known, oldest = self.source.oldest_unpushed(conn, cursor)
+        except (psycopg.Error, FleetError) as exc:  # the batches went; only the metric is missing
+            logger.warning("push lag not measured", extra={"error": _describe(exc)})
+            return
+        if not known:  # the mapping names no received_at column
+            return
         lag = 0.0 if oldest is None else max(0.0, self.clock() - oldest.timestamp())
         metrics.add_metric(name="PushLagSeconds", unit="Seconds", value=round(lag, 3))
 
     # -- sites and devices ------------------------------------------------------------
     def _push_full_set(self, conn: psycopg.Connection, state: ResourceState, owner: str, rep: ResourceReport) -> None:
-        rows = push_source.read_sites(conn) if state.resource == "sites" else push_source.read_devices(conn)
+        rows = self.source.read_full_set(conn, state.resource)  # type: ignore[arg-type]
         digest = "sha256:" + hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
         now = self.clock()
         fresh = state.last_full_push_at is not None and now - state.last_full_push_at < self.full_resend_seconds

@@ -1,4 +1,6 @@
-"""Data access for the push: reads the portal's sites, devices and measurements.
+"""Data access for the push: reads the portal's sites, devices and measurements,
+from the tables and columns the source mapping names (fleet.push_mapping; by default
+the project's own ``monitoring.*``).
 
 The measurement cursor and why it never skips a row
 ----------------------------------------------------
@@ -31,6 +33,11 @@ in ``(time, device_id)`` order (the ``legacy`` phase).
 Two rows with the same ``(time, device_id)`` in one transaction are one row on
 the Admin side (its unique key), so the keyset stepping over the second loses
 nothing the Admin database could hold.
+
+On a mapped table, ``time`` and ``device_id`` are the mapped columns in the form
+they are sent (a ``timestamp`` read in the mapping's zone as timestamptz, an id of
+any type as text): the keyset compares exactly what the cursor holds, and the
+cursor's indexes are built on those expressions.
 """
 
 from __future__ import annotations
@@ -39,47 +46,90 @@ import contextlib
 import json
 import re
 import sys
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from datetime import datetime
+from decimal import Decimal
 from itertools import islice
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import psycopg
+from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from fleet.models import MEASUREMENT_FIELDS
+from fleet.push_mapping import DEFAULT_MAPPING, FIELDS, Column, ResolvedTable, Resource, SourceMapping, resolve
 
 _MIN_TIME = "-infinity"
 Phase = Literal["legacy", "xid"]
 
 
+class UnreadableCursor(ValueError):
+    """A cursor text in no format the push ever wrote (or damaged)."""
+
+
 @dataclass(frozen=True)
 class Cursor:
+    """Where the push stands: the phase, then the keyset position in it.
+
+    The text carries its format version ("v"). ``encode`` writes the current one;
+    ``decode`` reads every version ever written (one reader each in ``_READERS``), so
+    a push that is updated keeps the cursors the last one saved and the server's
+    ledger holds. A new format gets a new version and a reader here; none is dropped."""
+
     phase: Phase
     xid: int = 0
     time: str = _MIN_TIME  # PostgreSQL's text of a timestamptz (read back as one), or -infinity
     device: str = ""
 
+    FORMAT: ClassVar[int] = 1
+
     def encode(self) -> str:
         return json.dumps(
-            {"v": 1, "p": self.phase, "x": str(self.xid), "t": self.time, "d": self.device},
+            {"v": self.FORMAT, "p": self.phase, "x": str(self.xid), "t": self.time, "d": self.device},
             separators=(",", ":"),
         )
 
     @classmethod
     def decode(cls, text: str | None) -> Cursor:
-        """The cursor from its text; None or an unreadable text is the start."""
+        """The cursor from its text; None or "" is the start. A text in no format the
+        push ever wrote raises UnreadableCursor (never taken as the start silently)."""
         if not text:
             return START
         try:
             doc = json.loads(text)
-            phase = doc["p"]
-            if doc.get("v") != 1 or phase not in ("legacy", "xid"):
-                raise ValueError("unknown cursor version")
-            return cls(phase, int(doc["x"]), str(doc["t"]), str(doc["d"]))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"unreadable push cursor: {exc}") from None
+            reader = _READERS.get(doc["v"]) if isinstance(doc, dict) and isinstance(doc.get("v"), int) else None
+            if reader is None:
+                raise ValueError(f"no cursor format {doc.get('v') if isinstance(doc, dict) else None!r}")
+            return reader(doc)
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise UnreadableCursor(f"unreadable push cursor: {exc}") from None
+
+
+def _read_v1(doc: dict[str, Any]) -> Cursor:
+    """Format 1 (the first): {"v":1,"p":phase,"x":"<xid8>","t":"<timestamptz>","d":"<device>"}."""
+    phase = doc["p"]
+    if phase not in ("legacy", "xid"):
+        raise ValueError(f"unknown phase {phase!r}")
+    xid = int(doc["x"])
+    if xid < 0:
+        raise ValueError("negative transaction id")
+    time, device = doc["t"], doc["d"]
+    if not isinstance(time, str) or not _TIMESTAMPTZ_TEXT.match(time):
+        raise ValueError("the time is not the text of a timestamptz")
+    if not isinstance(device, str) or _UNSTORABLE.search(device):
+        raise ValueError("the device id is not text PostgreSQL can hold")
+    return Cursor(phase, xid, time, device)
+
+
+# PostgreSQL's ISO output of a timestamptz (what the push reads back), or -infinity.
+_TIMESTAMPTZ_TEXT = re.compile(
+    r"-infinity\Z|\d{4,}-\d\d-\d\d[ T]\d\d:\d\d:\d\d(\.\d{1,6})?([+-]\d\d(:\d\d){0,2}|Z)?( BC)?\Z"
+)
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+_READERS: dict[int, Callable[[dict[str, Any]], Cursor]] = {1: _read_v1}
 
 
 START = Cursor("legacy")
@@ -98,21 +148,17 @@ XID_START = Cursor("xid")
 #   as PostgreSQL's ``json_build_object`` writes the same values
 #   (tests/test_push_pages.py holds both to it).
 #
-# Aliased: an output column named like a table column would be what ORDER BY sorts.
-# The casts cost nothing on the columns 001_monitoring.sql creates.
-_COLUMNS = "push_xid AS x, time::timestamptz AS t, device_id::text AS d, " + ", ".join(
-    f"{name}::float8 AS m{i}" for i, name in enumerate(MEASUREMENT_FIELDS)
-)
+# Output columns are aliased x, t, d, m0..m5, and the table's columns are referred to
+# through the alias ``src``: ORDER BY a bare name would take an output column of that
+# name before the table's. The queries are built from the mapping's table as the
+# catalogue has it (``MeasurementQueries``); on the default tables they are
+# ``SELECT push_xid, time::timestamptz, device_id::text, power_w::float8, ...
+# FROM monitoring.power_measurements ... ORDER BY push_xid, time, device_id``.
 _AS_TEXT = ("xid8", "timestamptz", "float8")
 _CONTROL = re.compile("[\x00-\x1f]")  # what JSON escapes, besides '"' and '\\'
 
-_LEGACY_WHERE = "push_xid IS NULL AND (time, device_id) > (%(time)s::timestamptz, %(device)s)"
-_LEGACY_ORDER = "time, device_id"
-_XID_WHERE = (
-    "push_xid IS NOT NULL AND (push_xid, time, device_id) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
-    " AND push_xid < pg_snapshot_xmin(pg_current_snapshot())"
-)
-_XID_ORDER = "push_xid, time, device_id"
+_XID_ORDER = "push_xid, time, device_id"  # the order on the default tables
+
 # The snapshot, and the fast path's formats for this transaction only, and only
 # where the session's own differ: a changed TimeZone or DateStyle is reported to the
 # client, and a proxy may pin the connection for it. (ISO output is the same
@@ -127,12 +173,6 @@ _SETTINGS = (
     " THEN set_config('extra_float_digits', '1', true) END"
 )
 _BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + _SETTINGS
-
-_QUERY = "SELECT {columns} FROM monitoring.power_measurements WHERE {where} ORDER BY {order} LIMIT %(limit)s"
-_QUERIES = {
-    "legacy": _QUERY.format(columns=_COLUMNS, where=_LEGACY_WHERE, order=_LEGACY_ORDER),
-    "xid": _QUERY.format(columns=_COLUMNS, where=_XID_WHERE, order=_XID_ORDER),
-}
 
 Row = tuple[Any, ...]  # (x, t, d, m0..m5) as PostgreSQL's text; None for NULL
 
@@ -195,8 +235,11 @@ class MeasurementReader:
     from its cursor. One that fails before raises.
     """
 
-    def __init__(self, conn: psycopg.Connection, cursor: Cursor, max_rows: int) -> None:
+    def __init__(
+        self, conn: psycopg.Connection, cursor: Cursor, max_rows: int, queries: MeasurementQueries | None = None
+    ) -> None:
         self._conn = conn
+        self._queries = queries  # None: the default tables'
         self._position = cursor
         self._phase: Phase = cursor.phase
         self._left = max_rows  # rows the statements may still return
@@ -207,6 +250,8 @@ class MeasurementReader:
         self.interrupted_by: psycopg.Error | None = None
 
     def __enter__(self) -> MeasurementReader:
+        if self._queries is None:
+            self._queries = MeasurementQueries(resolve(self._conn, DEFAULT_MAPPING, "measurements"))
         self._transaction = transaction = self._conn.transaction()
         transaction.__enter__()
         try:
@@ -264,7 +309,8 @@ class MeasurementReader:
         cur = self._conn.cursor()
         for name in _AS_TEXT:
             cur.adapters.register_loader(name, TextLoader)
-        self._rows = cur.stream(_QUERIES[after.phase], params, size=_CHUNK_ROWS)
+        assert self._queries is not None
+        self._rows = cur.stream(self._queries.select[after.phase], params, size=_CHUNK_ROWS)
 
     def _close_stream(self) -> None:
         """End the running statement. One whose every row was taken has only its end
@@ -282,9 +328,11 @@ class MeasurementReader:
 _CHUNK_ROWS = 1000  # rows per libpq result while streaming
 
 
-def read_measurements(conn: psycopg.Connection, cursor: Cursor, limit: int) -> MeasurementPage:
+def read_measurements(
+    conn: psycopg.Connection, cursor: Cursor, limit: int, queries: MeasurementQueries | None = None
+) -> MeasurementPage:
     """One page of up to ``limit`` rows after ``cursor``, in a snapshot of its own."""
-    with MeasurementReader(conn, cursor, limit) as reader:
+    with MeasurementReader(conn, cursor, limit, queries) as reader:
         return reader.page(limit)
 
 
@@ -340,48 +388,199 @@ def _exact_time(text: str | None) -> str:
     return f'"{day}T{clock}{hours}{minutes or ":00"}{seconds or ""}{era or ""}"'
 
 
-def oldest_unpushed(conn: psycopg.Connection, cursor: Cursor) -> datetime | None:
-    """``received_at`` of the next row the push will send (for the lag metric)."""
+# -- the portal's tables as the mapping names them ----------------------------------------
+#
+# Every expression comes from psycopg.sql (identifiers and literals quoted by it), built
+# from the table as the catalogue has it. The cursor's key is (push_xid, time, device
+# id) in the form it is sent: time as timestamptz (a ``timestamp`` column read in the
+# mapping's zone), the device id as text. The cursor index is built on those very
+# expressions (fleet.migrations), so the keyset and ORDER BY use it, and a key read
+# back from the cursor compares exactly as it was sent, whatever the column's type.
+
+_SRC = "src"
+_FLOATS = ("float4", "float8")
+
+
+def _ref(col: Column, qualified: bool) -> sql.Identifier:
+    return sql.Identifier(_SRC, col.name) if qualified else col.ident
+
+
+def time_expression(table: ResolvedTable, field_name: str, qualified: bool = True) -> sql.Composable:
+    """A time field as timestamptz; NULL where the portal has no such column."""
+    col = table.column(field_name)
+    if col is None:
+        return sql.SQL("NULL::timestamptz")
+    if col.base == "timestamptz":
+        return _ref(col, qualified)
+    return sql.SQL("timezone({}, {})").format(sql.Literal(table.time_zone), _ref(col, qualified))
+
+
+def text_expression(table: ResolvedTable, field_name: str, qualified: bool = True) -> sql.Composable:
+    """A field as text (ids of any type are sent as text)."""
+    col = table.column(field_name)
+    if col is None:
+        return sql.SQL("NULL::text")
+    if col.base == "text":
+        return _ref(col, qualified)
+    return sql.SQL("{}::text").format(_ref(col, qualified))
+
+
+def number_expression(table: ResolvedTable, field_name: str) -> sql.Composable:
+    """A metric as float8, in the contract's unit. A ``real`` goes through its text
+    (the shortest digits that read back as it: what the portal shows), not widened
+    to the float8 nearest its binary value; a scaled value is multiplied exactly, as
+    numeric, and rounded to float8 once."""
+    col = table.column(field_name)
+    if col is None:
+        return sql.SQL("NULL::float8")
+    ref = _ref(col, True)
+    value = sql.SQL("{}::text").format(ref) if col.base == "float4" else ref
+    factor = table.factors.get(field_name, Decimal(1))
+    if factor == 1:
+        return sql.SQL("{}::float8").format(value)
+    if col.base in _FLOATS:
+        value = sql.SQL("{}::text").format(ref)
+    return sql.SQL("({}::numeric * {}::numeric)::float8").format(value, sql.Literal(factor))
+
+
+def cursor_key(table: ResolvedTable, qualified: bool = True) -> tuple[sql.Composable, sql.Composable]:
+    """The (time, device id) of the cursor's order, as sent."""
+    return time_expression(table, "time", qualified), text_expression(table, "device_id", qualified)
+
+
+class MeasurementQueries:
+    """The reader's statements for one measurements table."""
+
+    def __init__(self, table: ResolvedTable) -> None:
+        self.table = table
+        at, device = cursor_key(table)
+        xid = sql.Identifier(_SRC, "push_xid")
+        columns = sql.SQL(", ").join(
+            [
+                sql.SQL("{} AS x").format(xid),
+                sql.SQL("{}::timestamptz AS t").format(at),
+                sql.SQL("{}::text AS d").format(device),
+                *(
+                    sql.SQL("{} AS {}").format(number_expression(table, name), sql.Identifier(f"m{i}"))
+                    for i, name in enumerate(MEASUREMENT_FIELDS)
+                ),
+            ]
+        )
+        source = sql.SQL("{} AS {}").format(table.ident, sql.Identifier(_SRC))
+        legacy_where = sql.SQL("{xid} IS NULL AND ({at}, {device}) > (%(time)s::timestamptz, %(device)s)").format(
+            xid=xid, at=at, device=device
+        )
+        xid_where = sql.SQL(
+            "{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
+            " AND {xid} < pg_snapshot_xmin(pg_current_snapshot())"
+        ).format(xid=xid, at=at, device=device)
+        legacy_order = sql.SQL("{}, {}").format(at, device)
+        xid_order = sql.SQL("{}, {}, {}").format(xid, at, device)
+        select = "SELECT {columns} FROM {source} WHERE {where} ORDER BY {order} LIMIT %(limit)s"
+        self.select: dict[Phase, sql.Composed] = {
+            "legacy": sql.SQL(select).format(columns=columns, source=source, where=legacy_where, order=legacy_order),
+            "xid": sql.SQL(select).format(columns=columns, source=source, where=xid_where, order=xid_order),
+        }
+        received = time_expression(table, "received_at")
+        oldest = "SELECT {received} FROM {source} WHERE {where} ORDER BY {order} LIMIT 1"
+        without_horizon = sql.SQL(
+            "{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
+        ).format(xid=xid, at=at, device=device)
+        self.oldest: dict[Phase, sql.Composed] = {
+            "legacy": sql.SQL(oldest).format(received=received, source=source, where=legacy_where, order=legacy_order),
+            "xid": sql.SQL(oldest).format(received=received, source=source, where=without_horizon, order=xid_order),
+        }
+        self.reports_lag = table.column("received_at") is not None
+
+
+def _oldest_unpushed(conn: psycopg.Connection, queries: MeasurementQueries, cursor: Cursor) -> datetime | None:
     with conn.transaction():
         if cursor.phase == "legacy":
-            row = conn.execute(
-                "SELECT received_at FROM monitoring.power_measurements WHERE push_xid IS NULL"
-                " AND (time, device_id) > (%s::timestamptz, %s) ORDER BY time, device_id LIMIT 1",
-                (cursor.time, cursor.device),
-            ).fetchone()
+            row = conn.execute(queries.oldest["legacy"], _params(cursor)).fetchone()
             if row:
                 return row[0]
             cursor = XID_START
-        row = conn.execute(
-            "SELECT received_at FROM monitoring.power_measurements WHERE push_xid IS NOT NULL"
-            " AND (push_xid, time, device_id) > (%s::xid8, %s::timestamptz, %s)"
-            " ORDER BY push_xid, time, device_id LIMIT 1",
-            (str(cursor.xid), cursor.time, cursor.device),
-        ).fetchone()
+        row = conn.execute(queries.oldest["xid"], _params(cursor)).fetchone()
     return row[0] if row else None
 
 
-_SITE_COLUMNS = ("id", "name", "timezone", "latitude", "longitude", "updated_at")
-_DEVICE_COLUMNS = ("id", "site_id", "name", "model", "firmware_version", "updated_at")
+def _params(cursor: Cursor) -> dict[str, str]:
+    return {"xid": str(cursor.xid), "time": cursor.time, "device": cursor.device}
 
 
-def read_sites(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    return _read_full_set(conn, "monitoring.sites", _SITE_COLUMNS)
+def oldest_unpushed(conn: psycopg.Connection, cursor: Cursor) -> datetime | None:
+    """``received_at`` of the next row the push will send (for the lag metric), on the
+    default tables."""
+    return _oldest_unpushed(conn, MeasurementQueries(resolve(conn, DEFAULT_MAPPING, "measurements")), cursor)
 
 
-def read_devices(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    return _read_full_set(conn, "monitoring.devices", _DEVICE_COLUMNS)
+def _full_set_query(table: ResolvedTable) -> tuple[sql.Composed, tuple[str, ...]]:
+    items = []
+    names = tuple(spec.name for spec in FIELDS[table.resource])
+    for spec in FIELDS[table.resource]:
+        if spec.kind == "time":
+            value = time_expression(table, spec.name)
+        elif spec.kind == "number":
+            value = number_expression(table, spec.name)
+        else:
+            value = text_expression(table, spec.name)
+        items.append(sql.SQL("{} AS {}").format(value, sql.Identifier(spec.name)))
+    query = sql.SQL("SELECT {} FROM {} AS {} ORDER BY 1").format(
+        sql.SQL(", ").join(items), table.ident, sql.Identifier(_SRC)
+    )
+    return query, names
 
 
-def _read_full_set(conn: psycopg.Connection, table: str, columns: tuple[str, ...]) -> list[dict[str, Any]]:
+def _read_full_set(conn: psycopg.Connection, table: ResolvedTable) -> list[dict[str, Any]]:
     """Every row of a portal table, by id, as items (``updated_at`` in ISO form)."""
+    query, names = _full_set_query(table)
     with conn.transaction():
-        rows = conn.execute(f"SELECT {', '.join(columns)} FROM {table} ORDER BY id").fetchall()
-    items = [dict(zip(columns, r, strict=True)) for r in rows]
+        rows = conn.execute(query).fetchall()
+    items = [dict(zip(names, r, strict=True)) for r in rows]
     for item in items:
         item["updated_at"] = _iso(item["updated_at"])
     return items
 
 
+def read_sites(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return _read_full_set(conn, resolve(conn, DEFAULT_MAPPING, "sites"))
+
+
+def read_devices(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    return _read_full_set(conn, resolve(conn, DEFAULT_MAPPING, "devices"))
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
+
+
+class PortalSource:
+    """The portal's sites, devices and measurements where the mapping says they are.
+
+    Each read looks its table up in the catalogue first (one small query), so a
+    table that changed since is read as it is now, and one that no longer fits the
+    mapping fails that resource alone, with a message that names what is wrong.
+    """
+
+    def __init__(self, mapping: SourceMapping = DEFAULT_MAPPING) -> None:
+        self.mapping = mapping
+
+    def table(self, conn: psycopg.Connection, resource: Resource) -> ResolvedTable:
+        return resolve(conn, self.mapping, resource)
+
+    def measurements(self, conn: psycopg.Connection) -> MeasurementQueries:
+        return MeasurementQueries(self.table(conn, "measurements"))
+
+    def reader(self, conn: psycopg.Connection, cursor: Cursor, max_rows: int) -> MeasurementReader:
+        return MeasurementReader(conn, cursor, max_rows, self.measurements(conn))
+
+    def read_full_set(self, conn: psycopg.Connection, resource: Resource) -> list[dict[str, Any]]:
+        return _read_full_set(conn, self.table(conn, resource))
+
+    def oldest_unpushed(self, conn: psycopg.Connection, cursor: Cursor) -> tuple[bool, datetime | None]:
+        """Whether the portal has a ``received_at`` to tell the lag by, and that of the
+        next row the push will send."""
+        queries = self.measurements(conn)
+        if not queries.reports_lag:
+            return False, None
+        return True, _oldest_unpushed(conn, queries, cursor)

@@ -12,6 +12,7 @@ from fleet import db
 from fleet.config import PushConfig
 from fleet.push_digests import DigestPush, DigestSettings
 from fleet.push_service import PushService
+from fleet.push_source import PortalSource
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
 
@@ -51,4 +52,5 @@ def build_push_service(cfg: PushConfig) -> PushService:
         time_budget_s=cfg.time_budget_s,
         lease_seconds=cfg.lease_seconds,
         full_resend_seconds=cfg.full_resend_seconds,
+        source=PortalSource(cfg.mapping()),
     )

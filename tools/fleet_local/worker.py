@@ -4,7 +4,7 @@ own function's environment. Events arrive one JSON line at a time on stdin; each
 answer is one JSON line on the protocol pipe. Whatever the handler prints goes to
 stderr, as it would go to CloudWatch Logs.
 
-    python -m fleet.local_worker CODE_URI HANDLER FUNCTION_NAME TIMEOUT_S MEMORY_MB
+    python -m fleet_local.worker CODE_URI HANDLER FUNCTION_NAME TIMEOUT_S MEMORY_MB
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def main(argv: list[str]) -> int:
     sys.stdout = sys.stderr
     sys.path.insert(0, str(Path(code_uri)))
     module_name, _, attr = handler_path.rpartition(".")
-    from fleet.local_api import LocalLambdaContext
+    from fleet_local.api import LocalLambdaContext
 
     try:
         handler = getattr(importlib.import_module(module_name), attr)

@@ -26,8 +26,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     from fleet.migrations import migrate
     from fleet.profiles import ProfileSettings, apply_profile
 
+    mapping = None
+    if args.role == "client" and args.mapping is not None:
+        from fleet.push_mapping import load_mapping
+
+        mapping = load_mapping(args.mapping)
     with db.connect(_database_url(args)) as conn:
-        result = migrate(conn, args.role, args.profile)
+        result = migrate(conn, args.role, args.profile, mapping=mapping)
         changes: list[str] = []
         if args.role == "admin":
             changes = apply_profile(conn, result.profile, ProfileSettings()).changes
@@ -39,6 +44,36 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         print(f"nothing to apply ({len(result.already_applied)} migrations already applied)")
     for change in changes:
         print(f"profile set-up: {change}")
+    for change in result.changes:
+        print(f"portal: {change}")
+    for notice in result.notices:
+        print(f"notice: {notice}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """The client's source mapping against the portal database's catalogue."""
+    from fleet import db
+    from fleet.push_mapping import check, configured_mapping, load_mapping
+
+    mapping = load_mapping(args.mapping) if args.mapping is not None else configured_mapping()
+    with db.connect(_database_url(args)) as conn:
+        report = check(conn, mapping, absent_ok=mapping.is_default, need_cursor=False)
+    for resource, table in report.tables.items():
+        if table is not None:
+            cursor = "present" if table.cursor else "added by `fleet db migrate --role client`"
+            extra = f"; cursor column push_xid: {cursor}" if resource == "measurements" else ""
+            print(f"{resource}: {table.plain} ({len([c for c in table.columns.values() if c])} columns mapped){extra}")
+        elif mapping.is_default and not report.errors_of(resource):
+            print(f"{resource}: {mapping.table(resource).table} absent; `fleet db migrate --role client` creates it")
+    for notice in report.notices:
+        print(f"notice: {notice}")
+    if report.errors:
+        for error in report.errors:
+            print(f"error: {error}", file=sys.stderr)
+        print(f"{len(report.errors)} problems: the push cannot read this portal as mapped", file=sys.stderr)
+        return 1
+    print("the source mapping fits the portal database")
     return 0
 
 
@@ -79,6 +114,9 @@ def _cmd_customers(args: argparse.Namespace) -> int:
     return 0
 
 
+_MAPPING_HELP = "the source mapping file (default: PUSH_SOURCE_MAPPING, else the default tables)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -88,7 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--role", choices=["admin", "client"], required=True)
     mig.add_argument("--profile", choices=["auto", "timescale", "postgres"], default="auto")
     mig.add_argument("--database-url")
+    mig.add_argument("--mapping", help=f"client: {_MAPPING_HELP}")
     mig.set_defaults(func=_cmd_migrate)
+    chk = dbp.add_parser("check", help="check the client's source mapping against the portal database")
+    chk.add_argument("--role", choices=["client"], required=True)
+    chk.add_argument("--mapping", help=_MAPPING_HELP)
+    chk.add_argument("--database-url")
+    chk.set_defaults(func=_cmd_check)
 
     cust = sub.add_parser("customers", help="customer administration (Admin database)")
     cust.add_argument("--database-url")
@@ -111,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id")
     for p in (rev, *[csub.choices[n] for n in ("disable", "enable")]):
         p.set_defaults(json=True)
+    for p in csub.choices.values():  # the option works after the action too
+        p.add_argument("--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL")
     cust.set_defaults(func=_cmd_customers)
 
     _add_local_commands(sub)
@@ -118,14 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_local_commands(sub: Any) -> None:
-    """``local``, ``demo`` and ``status`` live in their own modules (dev tooling)."""
-    import importlib
+    """``local``, ``demo`` and ``status`` live in a module of their own."""
+    from fleet_local import local_commands
 
-    try:
-        local_cli = importlib.import_module("fleet.local_cli")
-    except ImportError:  # the Lambda layer does not need them
-        return
-    local_cli.register(sub)
+    local_commands.register(sub)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -94,6 +94,26 @@ class Template:
     def condition(self, name: str) -> bool:
         return bool(self._eval(self.doc.get("Conditions", {})[name]))
 
+    def condition_parameters(self, name: str) -> list[str]:
+        """The parameters a condition reads, directly or through other conditions."""
+        found: list[str] = []
+
+        def walk(expr: Any) -> None:
+            if isinstance(expr, list):
+                for item in expr:
+                    walk(item)
+            elif isinstance(expr, dict):
+                if isinstance(expr.get("Ref"), str) and expr["Ref"] in self.parameters and expr["Ref"] not in found:
+                    found.append(expr["Ref"])
+                elif isinstance(expr.get("Condition"), str):
+                    walk(self.doc.get("Conditions", {}).get(expr["Condition"]))
+                else:
+                    for value in expr.values():
+                        walk(value)
+
+        walk(self.doc.get("Conditions", {}).get(name))
+        return found
+
     def _eval(self, expr: Any) -> Any:
         if isinstance(expr, dict):
             if "Fn::Equals" in expr:
@@ -112,6 +132,14 @@ class Template:
 
     # -- functions ---------------------------------------------------------------
     def functions(self) -> dict[str, FunctionSpec]:
+        """The functions the stack has with these parameters (their Condition holds)."""
+        return {lid: spec for lid, spec in self.all_functions().items() if self.creates(spec)}
+
+    def creates(self, spec: FunctionSpec) -> bool:
+        return spec.condition is None or self.condition(spec.condition)
+
+    def all_functions(self) -> dict[str, FunctionSpec]:
+        """Every function of the template, whatever its Condition."""
         glob = self.doc.get("Globals", {}).get("Function", {})
         out: dict[str, FunctionSpec] = {}
         for logical_id, res in self.doc.get("Resources", {}).items():

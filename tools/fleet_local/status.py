@@ -6,18 +6,20 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-
 from fleet import reconcile_store
+from fleet.profiles import FailedJob, failed_jobs
 
 # Per customer, from the audit trail (indexed by customer and time) rather than a
-# scan of the measurements: rows accepted in the last hour and day, the share of
-# them that arrived back-dated (batches whose oldest row was over an hour old),
-# and the newest batch's status and cursor.
+# scan of the measurements: measurement rows accepted in the last hour and day, the
+# share of them that arrived back-dated (batches whose oldest row was over an hour
+# old), and the newest batch's status and cursor. Sites and devices batches count
+# only in "refused" and "newest".
 _QUERY = """
 SELECT c.id, c.name, c.status, c.last_seen_at,
-       coalesce(sum(e.accepted) FILTER (WHERE e.received_at > now() - interval '1 hour'), 0) AS rows_1h,
-       coalesce(sum(e.accepted) FILTER (WHERE e.received_at > now() - interval '1 day'), 0) AS rows_1d,
-       coalesce(sum(e.accepted) FILTER (WHERE e.received_at > now() - interval '1 day'
+       coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'
+                                          AND e.received_at > now() - interval '1 hour'), 0) AS rows_1h,
+       coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'), 0) AS rows_1d,
+       coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'
                                           AND e.min_time < e.received_at - interval '1 hour'), 0) AS late_1d,
        count(*) FILTER (WHERE e.status <> 200 AND e.received_at > now() - interval '1 day') AS refused_1d,
        (SELECT json_build_object('status', l.status, 'type', l.batch_type, 'cursor', l.client_cursor,
@@ -37,6 +39,11 @@ def fleet_status(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return rows
 
 
+def failed_background_jobs(conn: psycopg.Connection) -> list[FailedJob]:
+    """TimescaleDB background jobs whose last run failed (none in the postgres profile)."""
+    return failed_jobs(conn)
+
+
 def _ago(when: datetime | None, now: datetime) -> str:
     if when is None:
         return "never"
@@ -47,7 +54,7 @@ def _ago(when: datetime | None, now: datetime) -> str:
     return f"{seconds}s ago"
 
 
-def render(rows: list[dict[str, Any]], now: datetime) -> str:
+def render(rows: list[dict[str, Any]], now: datetime, failed: list[FailedJob] | None = None) -> str:
     header = (
         f"{'customer':<12} {'status':<9} {'last seen':<10} {'rows 1h':>9} {'rows 1d':>10} {'late':>6} "
         f"{'refused':>7}  newest batch"
@@ -67,4 +74,13 @@ def render(rows: list[dict[str, Any]], now: datetime) -> str:
     if not rows:
         lines.append("(no customers yet: fleet customers create ID --name NAME)")
     lines.extend(reconcile_store.verification_lines(rows))
+    if failed:
+        lines.append("")
+        lines.append(f"background jobs whose last run failed: {len(failed)}")
+        for job in failed:
+            error = (job.error or "no error recorded").splitlines()[0][:120]
+            lines.append(
+                f"  job {job.job_id} {job.proc_name} ({job.relation or '-'}), {job.total_failures} failures,"
+                f" last started {_ago(job.last_run_started_at, now)}: {error}"
+            )
     return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""The client migration on a portal table that holds rows and keeps receiving them:
+no write outage, and an index an interrupted build left invalid is built again."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import psycopg
+import pytest
+from fleet import migrations
+from fleet.migrations import migrate
+from fleet.push_mapping import DEFAULT_MAPPING, check
+
+# A portal as it was before the project's migrations: the default names, no
+# received_at, no push_xid, and many rows.
+OLD_PORTAL = """
+CREATE SCHEMA monitoring;
+CREATE TABLE monitoring.power_measurements (
+    time timestamptz NOT NULL, device_id text NOT NULL, power_w double precision, voltage_v double precision,
+    current_a double precision, energy_wh double precision, power_factor double precision,
+    frequency_hz double precision
+)
+"""
+OLD_ROWS = (
+    "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
+    " SELECT '2024-01-01T00:00:00Z'::timestamptz + make_interval(secs => g * 60), 'meter-' || (g %% 500), g, g * 1.5"
+    " FROM generate_series(1, %s) g"
+)
+ROWS = 1_500_000  # a blocking index build on it takes well over a second here
+
+
+@dataclass
+class Writer:
+    """A meter writing one reading at a time, each in its own transaction."""
+
+    url: str
+    waits: list[tuple[float, float]] = field(default_factory=list)  # (started, seconds)
+    failures: list[BaseException] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                n = 0
+                while not self._stop.is_set():
+                    started = time.perf_counter()
+                    conn.execute(
+                        "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+                        " VALUES (now(), 'writer', %s)",
+                        (n,),
+                    )
+                    self.waits.append((started, time.perf_counter() - started))
+                    n += 1
+                    time.sleep(0.005)
+        except BaseException as exc:
+            self.failures.append(exc)
+
+    @contextmanager
+    def running(self) -> Iterator[Writer]:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            thread.join(30)
+
+
+def _indexes(conn: psycopg.Connection) -> dict[str, bool]:
+    return {
+        name: valid
+        for name, valid in conn.execute(
+            "SELECT c.relname, i.indisvalid FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+            " WHERE i.indrelid = 'monitoring.power_measurements'::regclass"
+        )
+    }
+
+
+CURSOR_INDEXES = {
+    "power_measurements_push_cursor_idx",
+    "power_measurements_push_legacy_idx",
+    "power_measurements_received_at_idx",
+}
+
+
+def test_migrating_a_table_that_receives_inserts_makes_none_wait_a_second(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(OLD_PORTAL)
+        conn.execute(OLD_ROWS, (ROWS,))
+        conn.execute("VACUUM ANALYZE monitoring.power_measurements")
+    writer = Writer(empty_db)
+    with writer.running(), psycopg.connect(empty_db, autocommit=True) as conn:
+        time.sleep(0.3)
+        started = time.perf_counter()
+        result = migrate(conn, "client", mapping=DEFAULT_MAPPING)
+        ended = time.perf_counter()
+        time.sleep(0.3)
+    assert writer.failures == []
+    during = [wait for at, wait in writer.waits if started <= at <= ended]
+    assert ended - started > 1.0, "the migration was too quick to show anything"
+    assert len(during) > (ended - started) * 20  # inserts went on the whole time
+    assert max(during) < 1.0, f"an insert waited {max(during):.2f} s"
+    assert result.applied == ["001_monitoring.sql"]
+    assert {c.split()[1] for c in result.changes if c.startswith("index ")} == {
+        f"monitoring.{name}" for name in CURSOR_INDEXES
+    }
+    with psycopg.connect(empty_db) as conn:
+        assert _indexes(conn).items() >= {(name, True) for name in CURSOR_INDEXES}
+        count = conn.execute(
+            "SELECT count(*) FILTER (WHERE push_xid IS NULL), count(*) FILTER (WHERE device_id = 'writer'),"
+            " count(*) FILTER (WHERE device_id = 'writer' AND push_xid IS NOT NULL AND received_at IS NOT NULL)"
+            " FROM monitoring.power_measurements"
+        ).fetchone()
+        assert count is not None
+        legacy, written, stamped = count
+        assert legacy >= ROWS  # the old rows (and the writer's before the default) are pushed first
+        assert written == len(writer.waits) and stamped > 0
+        assert check(conn, DEFAULT_MAPPING).errors == []
+
+
+def test_an_index_an_interrupted_build_left_invalid_is_built_again(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(OLD_PORTAL)
+        conn.execute(OLD_ROWS, (1000,))
+        conn.execute("ALTER TABLE monitoring.power_measurements ADD COLUMN push_xid xid8")
+    # A build that waits for a writer's transaction, and is cancelled while it waits:
+    # what a bootstrap stopped mid-way (a Lambda timeout) leaves behind.
+    with psycopg.connect(empty_db) as holder, psycopg.connect(empty_db, autocommit=True) as builder:
+        holder.execute("INSERT INTO monitoring.power_measurements (time, device_id) VALUES (now(), 'x')")
+        pid = builder.info.backend_pid
+
+        def cancel_soon() -> None:
+            time.sleep(1.0)
+            with psycopg.connect(empty_db, autocommit=True) as other:
+                other.execute("SELECT pg_cancel_backend(%s)", (pid,))
+
+        threading.Thread(target=cancel_soon, daemon=True).start()
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            builder.execute(
+                "CREATE INDEX CONCURRENTLY power_measurements_push_cursor_idx"
+                " ON monitoring.power_measurements (push_xid, time, device_id)"
+            )
+        holder.rollback()
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        assert _indexes(conn)["power_measurements_push_cursor_idx"] is False
+        result = migrate(conn, "client", mapping=DEFAULT_MAPPING)
+        assert "index monitoring.power_measurements_push_cursor_idx rebuilt" in " ".join(result.changes)
+        assert _indexes(conn).items() >= {(name, True) for name in CURSOR_INDEXES}
+        again = migrate(conn, "client", mapping=DEFAULT_MAPPING)
+        assert again.changes == [] and again.applied == []
+
+
+def test_the_cursor_column_waits_out_a_long_transaction_without_queueing_inserts(
+    empty_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ALTER that cannot have its lock at once lets go within a moment and tries
+    again, rather than holding every insert behind it until the long transaction ends."""
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(OLD_PORTAL)
+        conn.execute(OLD_ROWS, (1000,))
+    monkeypatch.setattr(migrations, "ALTER_ATTEMPTS", 1000)
+    writer = Writer(empty_db)
+    with psycopg.connect(empty_db) as long_one, writer.running():
+        long_one.execute("SELECT count(*) FROM monitoring.power_measurements")  # holds its lock till the end
+        done = threading.Event()
+
+        def run() -> None:
+            with psycopg.connect(empty_db, autocommit=True) as conn:
+                migrate(conn, "client", mapping=DEFAULT_MAPPING)
+            done.set()
+
+        thread = threading.Thread(target=run, daemon=True)
+        started = time.perf_counter()
+        thread.start()
+        time.sleep(2.0)
+        assert not done.is_set()  # still waiting for the long transaction...
+        long_one.rollback()  # ...which ends
+        thread.join(60)
+        assert done.is_set()
+    assert writer.failures == []
+    during = [wait for at, wait in writer.waits if at >= started]
+    assert len(during) > 100
+    assert max(during) < 1.0, f"an insert waited {max(during):.2f} s"
