@@ -18,7 +18,7 @@ from typing import Any
 
 import psycopg
 from fleet import customers
-from fleet.sam_template import Template
+from fleet_local.template import Template
 
 from bench.common import ROOT, database, gzip_body, measurement_rows, server, summary
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet.sam_template import Template
+from fleet_local.template import Template
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ROOT, http_event
