@@ -18,11 +18,11 @@ from typing import Any
 
 import psycopg
 from fleet import customers
-from fleet.sam_template import Template
+from fleet_local.template import Template
 
 from bench.common import ROOT, database, gzip_body, measurement_rows, server, summary
 
-FUNCTION_MEMORY_MB = Template(ROOT / "template.yaml").functions()["IngestFunction"].memory_mb
+FUNCTION_MEMORY_MB = Template(ROOT / "template.yaml").all_functions()["IngestFunction"].memory_mb
 DECOMPRESSED_LIMIT = 16_000_000  # MAX_DECOMPRESSED_BYTES' default
 
 _CHILD = r"""

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from fleet import config
 from fleet.bootstrap_service import maintain
-from fleet.localdb import LocalCluster
 from fleet.migrations import migrate
 from fleet.profiles import ProfileSettings, apply_profile
-from fleet.status import failed_background_jobs, fleet_status, render
+from fleet_local.cluster import LocalCluster
+from fleet_local.status import failed_background_jobs, fleet_status, render
 from support import FakeLambdaContext, load_event
 from test_template import load_template
 

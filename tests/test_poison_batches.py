@@ -17,13 +17,13 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet.sam_template import Template
+from fleet_local.template import Template
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from support import ROOT, http_event
 from test_ingest import NOW, Answer, IngestClient, _client, m
 
-FUNCTION_MEMORY_MB = Template(ROOT / "template.yaml").functions()["IngestFunction"].memory_mb
+FUNCTION_MEMORY_MB = Template(ROOT / "template.yaml").all_functions()["IngestFunction"].memory_mb
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import psycopg
 from fleet import customers
-from fleet.status import fleet_status
+from fleet_local.status import fleet_status
 
 
 def test_rows_and_late_count_measurements_only(admin_db_postgres: str) -> None:
