@@ -33,69 +33,30 @@ from typing import Any
 
 import psycopg
 from botocore.exceptions import ClientError
+from psycopg import sql
 
 from fleet.models import MEASUREMENT_FIELDS
 from fleet.observability import logger, metrics
+from fleet.push_mapping import CURSOR_COLUMN, MappingError, ResolvedTable
 from fleet.push_service import ResourceReport, backoff_delay
-from fleet.push_source import Cursor
+from fleet.push_source import Cursor, PortalSource, cursor_key, number_expression
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
 from fleet.reconcile import EMPTY_HASH, HEALABLE, RowColumns, digest_sql, row_hash_sql
 
 RESOURCE = "digests"
 _NAMESPACE = uuid.UUID("0b5d1a52-8a8e-4d0c-9a63-3f0f3b1d2c71")
-_TABLE = "monitoring.power_measurements"
-_PORTAL = RowColumns()
 _FIRST_DAY, _LAST_DAY = "0001-01-02", "9999-12-30"  # what a date and RFC 3339 both hold
 
-# Rows the ingest stores: a device id of 1..64 characters, finite metrics.
-_INGESTIBLE = " AND ".join(
-    [
-        "device_id IS NOT NULL",
-        "length(device_id::text) BETWEEN 1 AND 64",
-        *(f"coalesce(abs({m}::float8) < 'Infinity'::float8, true)" for m in MEASUREMENT_FIELDS),
-    ]
-)
-# Rows the measurement cursor has passed (push_source's order: legacy rows first).
-_BEHIND = {
-    "legacy": "push_xid IS NULL AND (time, device_id) <= (%(ct)s::timestamptz, %(cd)s)",
-    "xid": "(push_xid IS NULL OR (push_xid, time, device_id) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s))",
-}
-_SOME_DEVICES = " AND device_id = ANY(%(devices)s::text[])"
-
-
-def _day_rows(phase: str, some_devices: bool) -> str:
-    """The ingestible rows of one day the cursor has passed (of some devices)."""
-    devices = _SOME_DEVICES if some_devices else ""
-    return f"FROM {_TABLE} WHERE time >= %(start)s AND time < %(end)s AND {_BEHIND[phase]} AND {_INGESTIBLE}{devices}"
-
-
-def _digest_sql(phase: str, some_devices: bool) -> str:
-    return (
-        f"SELECT device_id, {digest_sql('h')} FROM (SELECT device_id::text AS device_id,"
-        f" {row_hash_sql(_PORTAL)} AS h {_day_rows(phase, some_devices)}) r GROUP BY device_id"
-    )
-
-
-# One device-day's rows after a time, as a request body: PostgreSQL's JSON of the
-# values (times with their offset, float8 in their shortest exact digits).
-_ITEM = (
-    "json_build_object('time', time, 'device_id', device_id, "
-    + ", ".join(f"'{m}', {m}::float8" for m in MEASUREMENT_FIELDS)
-    + ")::text"
-)
-
-
-def _resend_sql(phase: str) -> str:
-    return (
-        "SELECT count(*), max(t)::text, '{\"items\":[' || coalesce(string_agg(item, ',' ORDER BY t), '') || ']}'"
-        f" FROM (SELECT time AS t, {_ITEM} AS item {_day_rows(phase, True)} AND time > %(after)s::timestamptz"
-        " ORDER BY time LIMIT %(limit)s) c"
-    )
-
-
+# As the push reads (push_source): times written in UTC and ISO form (the scan's
+# position is read back from its text in another session), and any extra_float_digits
+# above 0 (a ``real`` is read through its text: the digest's value is the one sent).
 _SETTINGS = (
-    "SELECT CASE WHEN current_setting('extra_float_digits')::int < 1"
+    "SELECT CASE WHEN current_setting('TimeZone') NOT IN ('UTC', 'Etc/UTC')"
+    " THEN set_config('TimeZone', 'UTC', true) END,"
+    " CASE WHEN left(current_setting('DateStyle'), 4) <> 'ISO,'"
+    " THEN set_config('DateStyle', 'ISO, YMD', true) END,"
+    " CASE WHEN current_setting('extra_float_digits')::int < 1"
     " THEN set_config('extra_float_digits', '1', true) END"
 )
 
@@ -103,7 +64,7 @@ _SETTINGS = (
 # cursor's order (its index), a bounded chunk at a time; and the chunk's last key.
 _CHANGED = """
 WITH chunk AS MATERIALIZED (
-    SELECT push_xid AS x, time AS t, device_id AS d FROM {table}
+    SELECT {xid} AS x, {at} AS t, {device} AS d FROM {table}
     WHERE {where} ORDER BY {order} LIMIT %(limit)s
 )
 SELECT g.d, g.day, l.x, l.t, l.d, (SELECT count(*) FROM chunk)
@@ -111,15 +72,107 @@ FROM (SELECT x::text, t::text, d::text FROM chunk ORDER BY x DESC, t DESC, d DES
 LEFT JOIN (SELECT d::text AS d, (t AT TIME ZONE 'UTC')::date AS day FROM chunk
            WHERE d IS NOT NULL AND t >= '{first}' AND t < '{last}' GROUP BY 1, 2) g ON true
 """
-_CHANGED_WHERE = {
-    "legacy": "push_xid IS NULL AND (time, device_id) > (%(pt)s::timestamptz, %(pd)s)",
-    "xid": "push_xid IS NOT NULL AND (push_xid, time, device_id) > (%(px)s::xid8, %(pt)s::timestamptz, %(pd)s)",
-}
-_CHANGED_UPTO = {
-    "legacy": " AND (time, device_id) <= (%(ct)s::timestamptz, %(cd)s)",
-    "xid": " AND (push_xid, time, device_id) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
-}
-_CHANGED_ORDER = {"legacy": "time, device_id", "xid": "push_xid, time, device_id"}
+
+
+class DigestQueries:
+    """The digests' statements for the measurements table as the source mapping and
+    the catalogue have it (fleet.push_source.MeasurementQueries is the push's own):
+    the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
+    id as text, each metric as float8 in the contract's unit, scale applied: the very
+    expressions the push sends, so the digest is that of what the ingest stores. The
+    day's rows are read by the day index on (time, device id), built concurrently by
+    the client bootstrap (fleet.migrations.prepare_cursor) on the same expressions."""
+
+    def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:
+        def text(part: sql.Composable) -> str:
+            # Fragments of statements that take %(name)s parameters: a quoted name
+            # holding "%" must not read as one.
+            return part.as_string(conn).replace("%", "%%")
+
+        at, device = (text(e) for e in cursor_key(table))
+        xid = text(sql.Identifier("src", CURSOR_COLUMN))
+        metrics = tuple(text(number_expression(table, m)) for m in MEASUREMENT_FIELDS)
+        source = text(sql.SQL("{} AS src").format(table.ident))
+        self.table = table
+        self.columns = RowColumns(at, device, metrics)
+        # Rows the ingest stores: a device id of 1..64 characters, finite metrics.
+        ingestible = " AND ".join(
+            [
+                f"{device} IS NOT NULL",
+                f"length({device}) BETWEEN 1 AND 64",
+                *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in metrics),
+            ]
+        )
+        # Rows the measurement cursor has passed (push_source's order: legacy rows first).
+        # Rows the measurement cursor has passed (push_source's order: legacy rows
+        # first), in two parts, each read by its own partial index on (time, device
+        # id): rows from before the cursor column (push_xid NULL: the legacy index)
+        # and the others (the day index).
+        behind = {
+            "legacy": [f"{xid} IS NULL AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)"],
+            "xid": [
+                f"{xid} IS NULL",
+                f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
+            ],
+        }
+
+        def day_rows(phase: str, some_devices: bool, columns: str, also: str = "") -> str:
+            """The ingestible rows of one day the cursor has passed (of some devices)."""
+            devices = f" AND {device} = ANY(%(devices)s::text[])" if some_devices else ""
+            return " UNION ALL ".join(
+                f"SELECT {columns} FROM {source} WHERE {part} AND {at} >= %(start)s AND {at} < %(end)s"
+                f" AND {ingestible}{devices}{also}"
+                for part in behind[phase]
+            )
+
+        row = f"{device} AS device_id, {row_hash_sql(self.columns)} AS h"
+        self.digest = {
+            (phase, some): (
+                f"SELECT device_id, {digest_sql('h')} FROM ({day_rows(phase, some, row)}) r GROUP BY device_id"
+            )
+            for phase in ("legacy", "xid")
+            for some in (False, True)
+        }
+        # One device-day's rows after a time, as a request body: PostgreSQL's JSON of
+        # the values (times with their offset, float8 in their shortest exact digits).
+        item = (
+            f"{at} AS t, json_build_object('time', {at}, 'device_id', {device}, "
+            + ", ".join(f"'{name}', {m}" for name, m in zip(MEASUREMENT_FIELDS, metrics, strict=True))
+            + ")::text AS item"
+        )
+        after = f" AND {at} > %(after)s::timestamptz"
+        self.resend = {
+            phase: (
+                "SELECT count(*), max(t)::text,"
+                " '{\"items\":[' || coalesce(string_agg(item, ',' ORDER BY t), '') || ']}'"
+                f" FROM (SELECT t, item FROM ({day_rows(phase, True, item, after)}) u"
+                " ORDER BY t LIMIT %(limit)s) c"
+            )
+            for phase in ("legacy", "xid")
+        }
+        changed_where = {
+            "legacy": f"{xid} IS NULL AND ({at}, {device}) > (%(pt)s::timestamptz, %(pd)s)",
+            "xid": f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(px)s::xid8, %(pt)s::timestamptz, %(pd)s)",
+        }
+        changed_upto = {
+            "legacy": f" AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)",
+            "xid": f" AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
+        }
+        changed_order = {"legacy": f"{at}, {device}", "xid": f"{xid}, {at}, {device}"}
+        self.changed = {
+            (phase, upto): _CHANGED.format(
+                xid=xid,
+                at=at,
+                device=device,
+                table=source,
+                where=changed_where[phase] + (changed_upto[phase] if upto else ""),
+                order=changed_order[phase],
+                first=_FIRST_DAY,
+                last=_LAST_DAY,
+            )
+            for phase in ("legacy", "xid")
+            for upto in (False, True)
+        }
 
 
 @dataclass(frozen=True)
@@ -190,7 +243,10 @@ class DigestPush:
         clock: Callable[[], float],
         rng: Callable[[], float],
         lease_seconds: int,
+        source: PortalSource | None = None,
     ) -> None:
+        self.source = source or PortalSource()  # where the portal keeps its measurements
+        self._queries: DigestQueries | None = None  # this tick's, from the catalogue
         self.state = state
         self.client = client
         self.settings = settings
@@ -224,7 +280,7 @@ class DigestPush:
             try:
                 self._tick(conn, doc, rep, deadline)
                 doc.failures, doc.last_error = 0, None
-            except (_Stop, TransportError, psycopg.Error) as exc:
+            except (_Stop, TransportError, MappingError, psycopg.Error) as exc:
                 # Days scanned stay pending; the findings and the round wait for the retry.
                 doc.open, doc.round_started_at = before.open, before.round_started_at
                 doc.round_first_day, doc.round_done = before.round_first_day, before.round_done
@@ -246,6 +302,13 @@ class DigestPush:
             except ClientError as exc:  # the lease runs out by itself
                 logger.warning("could not release the digests lease", extra={"error": str(exc)})
         return rep
+
+    def _statements(self, conn: psycopg.Connection) -> DigestQueries:
+        """This tick's statements, built from the mapped table as the catalogue has it
+        (MappingError, naming the problem, when it no longer fits)."""
+        if self._queries is None:
+            self._queries = DigestQueries(self.source.table(conn, "measurements"), conn)
+        return self._queries
 
     def _save(self, doc: DigestState, owner: str, version: int) -> None:
         try:
@@ -282,6 +345,7 @@ class DigestPush:
         cursor = Cursor.decode(cursor_text)
         doc.tick += 1
         today = datetime.fromtimestamp(self.clock(), UTC).date()
+        self._queries = None  # the table is looked up again each tick, as the push does
         with conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + _SETTINGS)
             self._scan_changed(conn, doc, cursor, deadline)
@@ -312,12 +376,7 @@ class DigestPush:
             if position.phase == "xid" and cursor.phase == "legacy":
                 break
             chunks += 1
-            where = _CHANGED_WHERE[position.phase]
-            if position.phase == cursor.phase:
-                where += _CHANGED_UPTO[cursor.phase]
-            query = _CHANGED.format(
-                table=_TABLE, where=where, order=_CHANGED_ORDER[position.phase], first=_FIRST_DAY, last=_LAST_DAY
-            )
+            query = self._statements(conn).changed[(position.phase, position.phase == cursor.phase)]
             rows = conn.execute(
                 query,
                 {
@@ -384,11 +443,11 @@ class DigestPush:
     ) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
         for day, devices in sorted(work.items()):
-            sql = _digest_sql(cursor.phase, devices is not None)
+            statement = self._statements(conn).digest[(cursor.phase, devices is not None)]
             params = self._day_params(cursor, day)
             if devices is not None:
                 params["devices"] = sorted(devices)
-            found = {device: (int(n), h) for device, n, h in conn.execute(sql, params)}
+            found = {device: (int(n), h) for device, n, h in conn.execute(statement, params)}
             # A device asked for by name and holding no row that day: the Admin should
             # hold none either.
             for device in devices or ():
@@ -446,9 +505,9 @@ class DigestPush:
             device, day = key
             params = self._day_params(cursor, day) | {"devices": [device], "after": "-infinity"}
             size = self.settings.batch_size
-            sql = _resend_sql(cursor.phase)
+            statement = self._statements(conn).resend[cursor.phase]
             while True:
-                count, last, body = conn.execute(sql, params | {"limit": size}).fetchone()  # type: ignore[misc]
+                count, last, body = conn.execute(statement, params | {"limit": size}).fetchone()  # type: ignore[misc]
                 if not count:
                     break
                 if self._post("measurements", count, body.encode(), cursor_text, rep, key=params["after"]) is None:

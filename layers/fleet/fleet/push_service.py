@@ -214,6 +214,8 @@ class PushService:
         # batch after this many seconds (None: only max_batches ends it).
         self.time_budget_s = time_budget_s
         self.digests = digests  # reconciliation, after the measurements (None: off)
+        if digests is not None:
+            digests.source = self.source  # the digests read the portal as the push does
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
         """One pass over sites, devices and measurements. ``time_budget_s`` overrides
