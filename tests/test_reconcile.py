@@ -24,14 +24,18 @@ import urllib3
 from contract import check_response
 from fleet import config, customers
 from fleet import push_digests as module
-from fleet.push_digests import DigestPush, DigestSettings
+from fleet.migrations import migrate
+from fleet.push_digests import DigestPush, DigestQueries, DigestSettings
+from fleet.push_mapping import parse_mapping
 from fleet.push_service import PushService
+from fleet.push_source import PortalSource
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
 from fleet_local.api import Route, serving
 from fleet_local.status import fleet_status, render
 from moto import mock_aws
 from support import Clock, make_push_service
+from test_portal_mapping import EF_CORE_MAPPING, EF_CORE_SCHEMA
 
 INGEST_PATH = "/api/fleet/ingest"
 DEVICES = ("meter-1", "meter-2", "meter-3")
@@ -393,3 +397,116 @@ def test_a_digests_failure_backs_off_on_its_own_and_the_measurements_go_on(
     clock.advance(120)
     ticks(service, clock, 2)
     assert admin.outcome("meter-1", FIRST_DAY + timedelta(days=DAYS))[0] == "matched"  # type: ignore[index]
+
+
+# --- a portal named its own way, through the source mapping ---------------------------
+
+# EF Core's naming (tests/test_portal_mapping.py), with its `timestamp` columns read as
+# local times in Berlin: the UTC days of the digests are not the portal's own days.
+EF_MAPPING = parse_mapping(json.dumps({**EF_CORE_MAPPING, "time_zone": "Europe/Berlin"}))
+_EF_INSERT = (
+    'INSERT INTO monitoring."PowerMeasurements" ("Time", "DeviceId", "PowerW", "VoltageV", "CurrentA",'
+    ' "EnergyKwh", "PowerFactor", "FrequencyHz") SELECT timezone(\'Europe/Berlin\', %s + g * interval \'15 minutes\'),'
+    " d, mod(g, 50) * 1.1 + 0.1, CASE WHEN mod(g, 7) = 0 THEN NULL ELSE 230.1 END, 5.37, d * 100 + g * 0.010251,"
+    " 0.91, 50.01 FROM generate_series(%s::int, %s::int) g, (VALUES (1), (2)) v(d)"
+)
+
+
+def _ef_portal(url: str) -> None:
+    """Two meters over DAYS UTC days: the first day's rows written before the client
+    bootstrap (no cursor column yet: the legacy phase), the others after it."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(EF_CORE_SCHEMA)
+        conn.execute('INSERT INTO monitoring."Sites" ("Name", "UpdatedAt") VALUES (\'Plant\', \'2026-10-01 08:00:00\')')
+        conn.execute(
+            'INSERT INTO monitoring."Devices" ("SiteId", "Name", "UpdatedAt")'
+            " VALUES (1, 'Main', '2026-10-03 00:00:00'), (1, 'Aux', '2026-10-04 00:00:00')"
+        )
+        conn.execute(_EF_INSERT, (_day_start(FIRST_DAY), 0, PER_DAY - 1))
+        migrate(conn, "client", mapping=EF_MAPPING)
+        conn.execute(_EF_INSERT, (_day_start(FIRST_DAY), PER_DAY, DAYS * PER_DAY - 1))
+
+
+def test_a_mapped_portal_digests_as_stored_and_a_deleted_device_day_is_healed(
+    aws: Any, admin: Admin, empty_db: str
+) -> None:
+    _ef_portal(empty_db)
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    digests = DigestPush(
+        PushStateStore(aws),
+        IngestClient(admin.server_url, admin.token, 2.0, 10.0),
+        DigestSettings(horizon_days=10, period_s=300.0, alarm_ticks=3),
+        clock,
+        lambda: 1.0,
+        120,
+    )
+    service = make_push_service(
+        empty_db,
+        aws,
+        admin.server_url,
+        admin.token,
+        clock,
+        batch_size=500,
+        digests=digests,
+        source=PortalSource(EF_MAPPING),
+    )
+    reports = ticks(service, clock, 8)
+    assert all(r[k]["outcome"] != "failed" for r in reports for k in r), reports
+    stored = admin.rows()
+    assert len(stored) == 2 * DAYS * PER_DAY
+    # kWh as Wh, reals as the portal shows them, Berlin's times as UTC: the portal's
+    # digests and the Admin's of what the ingest stored agree, day by UTC day.
+    assert verified(admin) == {"matched": 2 * DAYS}
+    assert admin.execute("SELECT DISTINCT portal_count FROM fleet.reconciliation") == [(PER_DAY,)]
+    # One device-day deleted on the Admin (of the rows pushed first, before the cursor
+    # column) and half of another: found, and only they are re-sent.
+    legacy_day, day = FIRST_DAY, FIRST_DAY + timedelta(days=2)
+    admin.execute(
+        "DELETE FROM fleet.power_measurements WHERE device_id = '2' AND time >= %s AND time < %s",
+        _day_start(legacy_day),
+        _day_start(legacy_day + timedelta(days=1)),
+    )
+    admin.execute(
+        "DELETE FROM fleet.power_measurements WHERE device_id = '1' AND time >= %s AND time < %s"
+        " AND extract(minute FROM time) IN (0, 15)",
+        _day_start(day),
+        _day_start(day + timedelta(days=1)),
+    )
+    assert len(admin.rows()) == len(stored) - PER_DAY - PER_DAY // 2
+    before = admin.last_event()
+    seen: set[str] = set()
+    for _ in range(12):
+        ticks(service, clock, 1)
+        for device, when in (("2", legacy_day), ("1", day)):
+            found = admin.outcome(device, when)
+            if found is not None:
+                seen.add(found[0])
+        if admin.rows() == stored and verified(admin) == {"matched": 2 * DAYS}:
+            break
+    assert "missing" in seen
+    assert admin.rows() == stored
+    assert verified(admin) == {"matched": 2 * DAYS}
+    assert admin.measurements_sent_since(before) == (PER_DAY + PER_DAY // 2, 2 * PER_DAY)
+
+
+def test_the_digests_read_a_mapped_day_by_its_indexes(empty_db: str) -> None:
+    _ef_portal(empty_db)
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute('ANALYZE monitoring."PowerMeasurements"')
+        conn.execute("SET enable_seqscan = off")
+        queries = DigestQueries(PortalSource(EF_MAPPING).table(conn, "measurements"), conn)
+        params = {
+            "start": _day_start(FIRST_DAY),
+            "end": _day_start(FIRST_DAY + timedelta(days=1)),
+            "cx": str(2**40),
+            "ct": "infinity",
+            "cd": "",
+            "devices": ["1"],
+        }
+        for some in (False, True):
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries.digest[("xid", some)], params))
+            assert "Seq Scan" not in plan, plan
+            assert "PowerMeasurements_push_day_idx" in plan and "PowerMeasurements_push_legacy_idx" in plan, plan
+            # The day's bounds on the mapped time, read in the mapping's zone.
+            assert "Index Cond: ((timezone('Europe/Berlin'::text, \"Time\") >= " in plan, plan
