@@ -483,6 +483,13 @@ class DigestPush:
                 continue
             for d in reply.body.get("differ", []):
                 differ[(d["device_id"], date.fromisoformat(d["day"]))] = d
+            # A digest the Admin rejected was not compared: it is no match, and is left
+            # to the rolling re-check (kept pending, it would be sent again every tick).
+            for error in reply.body.get("errors", []):
+                item = chunk[int(error["index"])]
+                key = (item["device_id"], date.fromisoformat(item["day"]))
+                digests.pop(key, None)
+                logger.warning("a digest was rejected", extra={"digest": item, "reason": error.get("reason")})
             offset += len(chunk)
         return differ
 
