@@ -79,9 +79,10 @@ class DigestQueries:
     the catalogue have it (fleet.push_source.MeasurementQueries is the push's own):
     the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
     id as text, each metric as float8 in the contract's unit, scale applied: the very
-    expressions the push sends, so the digest is that of what the ingest stores. The
-    day's rows are read by the day index on (time, device id), built concurrently by
-    the client bootstrap (fleet.migrations.prepare_cursor) on the same expressions."""
+    expressions the push sends, so the digest is that of what the ingest stores. A
+    day's rows are read by two partial indexes on (time, device id), both built
+    concurrently by the client bootstrap (fleet.migrations.prepare_cursor) on the
+    same expressions: the legacy index and the day index."""
 
     def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:
         def text(part: sql.Composable) -> str:
@@ -103,7 +104,6 @@ class DigestQueries:
                 *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in metrics),
             ]
         )
-        # Rows the measurement cursor has passed (push_source's order: legacy rows first).
         # Rows the measurement cursor has passed (push_source's order: legacy rows
         # first), in two parts, each read by its own partial index on (time, device
         # id): rows from before the cursor column (push_xid NULL: the legacy index)
