@@ -343,6 +343,7 @@ class Script:
         self.only = only  # the batch type the scripted answers are for; others get 200
         self.requests: list[dict[str, Any]] = []
         self.ledger = ledger or {}
+        self.limits: dict[str, Any] = {}
 
     def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         if event["requestContext"]["http"]["method"] == "GET":
@@ -352,7 +353,12 @@ class Script:
                     t: {"cursor": self.ledger.get(t), "batch_id": None, "acknowledged_at": None}
                     for t in ("sites", "devices", "measurements")
                 },
-                "limits": {"max_body_bytes": 4_000_000, "max_decompressed_bytes": 16_000_000, "max_items": 10_000},
+                "limits": {
+                    "max_body_bytes": 4_000_000,
+                    "max_decompressed_bytes": 16_000_000,
+                    "max_items": 10_000,
+                    **self.limits,
+                },
             }
             return {"statusCode": 200, "body": json.dumps(body)}
         import base64
@@ -740,3 +746,44 @@ def test_a_413_with_batches_in_flight_sends_their_rows_again_smaller(aws, client
     # Every row acknowledged at least once: the one acknowledged behind the 413 again.
     assert {i["power_w"] for i in script.acknowledged} == set(range(200))
     assert _state(service).cursor == script.measurement_requests()[-1]["headers"]["x-push-cursor"]
+
+
+def test_a_429_with_a_short_retry_after_is_waited_out_within_the_tick(scripted) -> None:
+    """A server shedding load says when to come back; a backlog goes on in the same
+    tick after that wait, not a schedule interval later."""
+    sleeps: list[float] = []
+    service, script, _ = scripted(
+        [(429, {"Retry-After": "2"}, {"message": "busy"})], batch_size=50, sleep=sleeps.append, time_budget_s=40
+    )
+    report = service.tick().resources["measurements"]
+    assert sleeps == [pytest.approx(2.0)]
+    assert (report.outcome, report.rows, report.shed) == ("pushed", 200, 1)
+    assert [len(r["items"]) for r in script.measurement_requests()] == [50] * 5  # the shed one again, then on
+
+
+def test_a_429_that_asks_for_longer_ends_the_tick(scripted) -> None:
+    sleeps: list[float] = []
+    service, _, clock = scripted([(429, {"Retry-After": "30"}, {"message": "busy"})], sleep=sleeps.append)
+    report = service.tick().resources["measurements"]
+    assert sleeps == [] and report.outcome == "failed"
+    assert _state(service).next_attempt_at - clock.now == pytest.approx(30)
+
+
+def test_no_more_batches_in_flight_than_the_server_advertises(aws, client_db: str) -> None:
+    insert(client_db, 200)
+    at_once = [0, 0]  # now, most
+    lock = threading.Lock()
+
+    def decide(items: list[dict[str, Any]], nth: int) -> tuple[float, int]:
+        with lock:
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+        time.sleep(0.05)
+        with lock:
+            at_once[0] -= 1
+        return 0.0, 200
+
+    with _decided_push(aws, client_db, decide, batch_size=20, in_flight=3) as (service, script, _):
+        script.limits = {"max_in_flight": 1}
+        assert service.tick().resources["measurements"].rows == 200
+    assert at_once[1] == 1

@@ -37,6 +37,7 @@ from fleet.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from fleet.ingest_admission import Admission
 from fleet.ingest_store import (
     AuditRecord,
     IngestStore,
@@ -126,6 +127,10 @@ class IngestService:
         self.connections = connections
         self.store = IngestStore(cfg.statement_timeout_ms, timedelta(days=cfg.hourly_refresh_window_days))
         self._envelopes = {bt: _envelope_validator(bt, cfg.max_items) for bt in BatchType}
+        lease_ms = cfg.statement_timeout_ms * 2  # past any write's own timeouts
+        self.admission = Admission(
+            connections, cfg.max_in_flight_per_customer, cfg.max_in_flight, lease_ms, cfg.shed_retry_after_s
+        )
 
     # -- authentication -----------------------------------------------------
     def authenticate(self, headers: Mapping[str, str]) -> tuple[TokenOwner, bytes]:
@@ -163,11 +168,12 @@ class IngestService:
             audit.rejected = len(parsed.rejects)
             audit.rejects = parsed.rejects
             audit.duration_ms = (time.perf_counter() - started) * 1000
-            self.connections.run(
-                lambda conn: self.store.write_batch(
-                    conn, audit, parsed.batch_type, parsed.valid, parsed.valid_total, sha
+            with self.admission.slot(owner.customer_id):
+                self.connections.run(
+                    lambda conn: self.store.write_batch(
+                        conn, audit, parsed.batch_type, parsed.valid, parsed.valid_total, sha
+                    )
                 )
-            )
         except RequestRefused as refused:
             self._audit_refusal(audit, refused.status, refused.message, started)
             raise
@@ -330,6 +336,7 @@ class IngestService:
                     "max_body_bytes": self.cfg.max_body_bytes,
                     "max_decompressed_bytes": self.cfg.max_decompressed_bytes,
                     "max_items": self.cfg.max_items,
+                    "max_in_flight": self.cfg.max_in_flight_per_customer,
                 },
             },
         )

@@ -43,6 +43,9 @@ _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 # against its rows (500,000 at the default batch size).
 READ_BATCHES = 100
 
+# A 429 whose Retry-After is at most this is waited out within the tick.
+MAX_WAIT_IN_TICK_S = 10.0
+
 # Measurement batches posted and not yet answered, at most: while the ingest stores
 # one, the next is on its way (bench/README.md, "e2e", has the figures).
 IN_FLIGHT = 2
@@ -82,6 +85,7 @@ class ResourceReport:
     bytes: int = 0
     duplicates: int = 0
     rejected: int = 0
+    shed: int = 0  # batches the server answered 429
     detail: str | None = None
 
 
@@ -117,6 +121,7 @@ class PushService:
         read_ahead: bool = True,
         in_flight: int = IN_FLIGHT,
         time_budget_s: float | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._connect = connect
         self.state = state
@@ -136,6 +141,7 @@ class PushService:
         # A backlog drains as fast as the server takes it, but a tick reads no new
         # batch after this many seconds (None: only the backlog's end or max_batches ends it).
         self.time_budget_s = time_budget_s
+        self.sleep = sleep
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
         """One pass over sites, devices and measurements. ``time_budget_s`` overrides
@@ -197,6 +203,7 @@ class PushService:
         limits = reply.body.get("limits", {})
         state.server_max_items = limits.get("max_items")
         state.server_max_bytes = limits.get("max_body_bytes")
+        state.server_max_in_flight = limits.get("max_in_flight")
         if state.resource == "measurements":
             state.cursor = entry.get("cursor")
         self.state.save(state, owner)
@@ -236,7 +243,11 @@ class PushService:
             cursor, done, ended = self._read_and_send(conn, state, owner, rep, deadline, cursor, batches)
             sent += done
             if rep.outcome in ("failed", "refused"):
-                return  # a batch not acknowledged: the cursor stays before it
+                # A batch not acknowledged: the cursor stays before it. A server that
+                # sheds load says when to come back; within the tick, the push does.
+                if not self._wait_for_retry_after(state, rep, deadline):
+                    return
+                continue
             if ended or (self.max_batches is not None and sent >= self.max_batches):
                 break
             if self.clock() >= deadline:
@@ -274,7 +285,8 @@ class PushService:
         position = cursor  # the cursor after the last batch read
         # After a failure, one batch at a time until one is acknowledged: a server in
         # trouble is not sent work it will be asked for again.
-        depth = 1 if state.failures else self.in_flight
+        # And never more than the server says it takes from one customer.
+        depth = 1 if state.failures else min(self.in_flight, state.server_max_in_flight or self.in_flight)
         with (
             push_source.MeasurementReader(conn, cursor, max_rows) as source,
             InFlight[_Batch](depth) as flights,
@@ -321,6 +333,17 @@ class PushService:
         # A read whose every row was acknowledged may have had more behind it.
         more = acknowledged == max_rows and not out_of_time and source.interrupted_by is None
         return cursor, sent, not more
+
+    def _wait_for_retry_after(self, state: ResourceState, rep: ResourceReport, deadline: float) -> bool:
+        """After a 429 whose Retry-After ends within the tick (and soon): wait, go on."""
+        wait = state.next_attempt_at - self.clock()
+        if not (rep.outcome == "failed" and rep.detail and rep.detail.startswith("429")):
+            return False
+        if wait > MAX_WAIT_IN_TICK_S or self.clock() + wait >= deadline:
+            return False
+        self.sleep(max(wait, 0.0))
+        rep.outcome, rep.detail = "pushed", None
+        return True
 
     def _post(self, flights: InFlight[_Batch], batch: _Batch) -> None:
         page = batch.page
@@ -423,6 +446,7 @@ class PushService:
             self._halve(state, owner, count, "server answered 413")
             return None
         elif status in (429, 503):
+            rep.shed += status == 429
             wait = reply.retry_after if reply.retry_after is not None else backoff_delay(state.failures + 1, self.rng)
             self._failed(state, owner, rep, f"{status}: {reply.body.get('message', '')}", wait=wait)
         elif status in (400, 401, 403):
