@@ -21,8 +21,8 @@ def api(admin_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[IngestClient
     yield from _client(admin_db, monkeypatch)
 
 
-def _admission(url: str, per_customer: int, total: int, lease_ms: int = 30_000) -> Admission:
-    return Admission(db.ConnectionHolder(lambda: url), per_customer, total, lease_ms, 1)
+def _admission(url: str, per_customer: int, total: int, lease_ms: int = 30_000, fresh_ms: int = 10_000) -> Admission:
+    return Admission(db.ConnectionHolder(lambda: url), per_customer, total, lease_ms, 1, fresh_ms)
 
 
 def _customers(url: str, *names: str) -> None:
@@ -44,7 +44,7 @@ def test_a_customer_past_its_batches_in_flight_gets_429_and_the_others_do_not(ad
         pass
 
 
-def test_the_total_keeps_room_for_customers_with_nothing_in_flight(admin_db: str) -> None:
+def test_the_total_keeps_room_for_customers_sending_live_data(admin_db: str) -> None:
     names = [f"C{i}" for i in range(6)]
     _customers(admin_db, *names)
     admission = _admission(admin_db, per_customer=2, total=4)  # a quarter kept: one more
@@ -55,8 +55,14 @@ def test_the_total_keeps_room_for_customers_with_nothing_in_flight(admin_db: str
         # C0 has batches in flight, and the server its total.
         with pytest.raises(TooManyRequests), admission.slot("C0"):
             pass
-        # C2 has nothing in flight: the room kept, which is one batch.
+        # C2 was admitted nothing lately (live data): the room kept, which is one batch.
         with admission.slot("C2"), pytest.raises(TooManyRequests), admission.slot("C3"):
+            pass
+        # C4 has nothing in flight but was admitted a moment ago (a backfill between
+        # two batches): no room kept for it.
+        with admission.slot("C4"):
+            pass
+        with pytest.raises(TooManyRequests), admission.slot("C4"):
             pass
     finally:
         for slot in held:

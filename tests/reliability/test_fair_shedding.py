@@ -58,13 +58,17 @@ def test_backfills_are_shed_and_live_rows_still_arrive_within_two_ticks(
     live_token = new_token(admin_db_postgres, "LIVE")
     for n in [*names, "LIVE"]:
         ensure_state_table(dynamodb_endpoint, f"state-{n}")
-    # One batch per customer at once, two in all (and the one kept for a customer
-    # with nothing in flight): three back-fills want more than that.
+    # One batch per customer at once, two in all (and one more for a customer
+    # sending live data): three back-fills want more than that.
     stack = LocalStack(
         Template(DEFAULT_TEMPLATE, {"Mode": "admin"}),
         {
             "Parameters": {"DATABASE_URL": admin_db_postgres},
-            "IngestFunction": {"INGEST_MAX_IN_FLIGHT_PER_CUSTOMER": "1", "INGEST_MAX_IN_FLIGHT": "2"},
+            "IngestFunction": {
+                "INGEST_MAX_IN_FLIGHT_PER_CUSTOMER": "1",
+                "INGEST_MAX_IN_FLIGHT": "2",
+                "INGEST_FRESH_AFTER_S": "1",  # the live customer ticks every 1.5 s here
+            },
         },
         concurrency=5,
     )
@@ -105,7 +109,7 @@ def test_backfills_are_shed_and_live_rows_still_arrive_within_two_ticks(
                     have = _admin_count(admin, "LIVE")
                     if have < due:
                         late.append(f"tick {tick}: {have} of {due} live rows")
-                    time.sleep(0.5)
+                    time.sleep(1.5)
             still_filling = sum(_admin_count(admin, n) < BACKLOG for n in names)
             stop.set()
             for t in threads:

@@ -62,6 +62,8 @@ class IngestConfig(DatabaseSettings):
     max_in_flight_per_customer: int = Field(2, alias="INGEST_MAX_IN_FLIGHT_PER_CUSTOMER", gt=0)
     max_in_flight: int = Field(16, alias="INGEST_MAX_IN_FLIGHT", gt=0)
     shed_retry_after_s: int = Field(1, alias="INGEST_SHED_RETRY_AFTER_S", gt=0)
+    # A customer admitted nothing for this long is sending live data: the room kept.
+    fresh_after_s: float = Field(10.0, alias="INGEST_FRESH_AFTER_S", gt=0)
 
 
 class PushConfig(_EnvModel):

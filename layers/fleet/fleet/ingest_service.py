@@ -129,7 +129,12 @@ class IngestService:
         self._envelopes = {bt: _envelope_validator(bt, cfg.max_items) for bt in BatchType}
         lease_ms = cfg.statement_timeout_ms * 2  # past any write's own timeouts
         self.admission = Admission(
-            connections, cfg.max_in_flight_per_customer, cfg.max_in_flight, lease_ms, cfg.shed_retry_after_s
+            connections,
+            cfg.max_in_flight_per_customer,
+            cfg.max_in_flight,
+            lease_ms,
+            cfg.shed_retry_after_s,
+            int(cfg.fresh_after_s * 1000),
         )
 
     # -- authentication -----------------------------------------------------
