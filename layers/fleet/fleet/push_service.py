@@ -1,10 +1,14 @@
 """One push tick: sites (full set), devices (full set), then measurements by cursor.
 
 Rules (DESIGN.md, Client side):
-- a 2xx advances the cursor, and only after the server answered;
+- a backlog drains while the tick's time budget lasts (an operator may cap the
+  batches); up to IN_FLIGHT batches are in flight, no more than the server
+  advertises, their answers taken in the order they were posted;
+- a 2xx advances the cursor, and only after the server answered, and only past
+  that batch: never past one before it that was not acknowledged;
 - 413 halves the batch size and retries at once; the size grows back after
   consecutive successes;
-- 429/503 wait for Retry-After; other failures and timeouts back off per resource,
+- 429/503 wait for Retry-After (a short 429 within the tick); other failures and timeouts back off per resource,
   1 min doubling to a 30 min cap, with jitter;
 - 401/403, and a 400 for a whole batch, back off at the cap and raise the alarm
   metric; the cursor never moves past a refused batch;
