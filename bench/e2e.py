@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import statistics
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -56,15 +57,16 @@ def _fill(url: str, rows: int, devices: int = 50) -> None:
         conn.execute("VACUUM ANALYZE monitoring.power_measurements")
 
 
-def _copy_pipe(client_url: str, admin_url: str) -> float:
+def _copy_pipe(client_url: str, admin_url: str, customer: str = CUSTOMER, truncate: bool = True) -> float:
     """Seconds to stream every row from the Client into an identical Admin table."""
     with psycopg.connect(admin_url, autocommit=True) as dst, psycopg.connect(client_url, autocommit=True) as src:
-        dst.execute("TRUNCATE bench_copy")
+        if truncate:
+            dst.execute("TRUNCATE bench_copy")
         start = time.perf_counter()
         with (
             src.cursor().copy(
                 f"COPY (SELECT time, %s::text, {', '.join(COLUMNS[1:])} FROM monitoring.power_measurements) TO STDOUT",
-                (CUSTOMER,),
+                (customer,),
             ) as out,
             dst.transaction(),
             dst.cursor().copy(f"COPY bench_copy ({_PIPE_COLUMNS}) FROM STDIN") as into,
@@ -88,9 +90,12 @@ class Drain:
         return (self.ticks - 1) * SCHEDULE_S + self.last_tick_s
 
 
-def _admin_rows(admin_url: str) -> int:
+def _admin_rows(admin_url: str, customer: str | None = None) -> int:
     with psycopg.connect(admin_url, autocommit=True) as conn:
-        row = conn.execute("SELECT count(*) FROM fleet.power_measurements").fetchone()
+        row = conn.execute(
+            "SELECT count(*) FROM fleet.power_measurements WHERE %s::text IS NULL OR customer_id = %s",
+            (customer, customer),
+        ).fetchone()
         return int(row[0]) if row else 0
 
 
@@ -103,10 +108,20 @@ def _reset_admin(admin_url: str) -> None:
         conn.execute(f"TRUNCATE {', '.join(tables)}")
 
 
-def _drain(client: LocalStack, api: LocalHttpApi, admin_url: str, rows: int, max_ticks: int) -> Drain:
-    """Ticks of the PushFunction, one after the other, until the Admin holds ``rows``."""
-    with api._lock:
-        api.latencies.clear()
+def _drain(
+    client: LocalStack,
+    api: LocalHttpApi,
+    admin_url: str,
+    rows: int,
+    max_ticks: int,
+    customer: str | None = None,
+    clear: bool = True,
+) -> Drain:
+    """Ticks of the PushFunction, one after the other, until the Admin holds ``rows``
+    (of ``customer``, or in all)."""
+    if clear:
+        with api._lock:  # the bench reads the local API's request log
+            api.latencies.clear()
     start = time.perf_counter()
     ticks = batches = 0
     last = 0.0
@@ -116,7 +131,7 @@ def _drain(client: LocalStack, api: LocalHttpApi, admin_url: str, rows: int, max
         last = time.perf_counter() - tick_start
         ticks += 1
         batches += int(report["measurements"]["batches"])
-        if _admin_rows(admin_url) >= rows:
+        if _admin_rows(admin_url, customer) >= rows:
             break
         if report["measurements"]["outcome"] not in ("pushed", "idle"):
             raise RuntimeError(f"push tick {ticks}: {report}")
@@ -134,7 +149,10 @@ def _stacks(server_url: str, profile: str, log: Any) -> Iterator[tuple[str, Loca
     with ExitStack() as stack:
         admin_url = stack.enter_context(database(server_url, "admin", profile))
         admin = LocalStack(
-            Template(DEFAULT_TEMPLATE, {"Mode": "admin"}), {"Parameters": {"DATABASE_URL": admin_url}}, log=log
+            Template(DEFAULT_TEMPLATE, {"Mode": "admin"}),
+            {"Parameters": {"DATABASE_URL": admin_url}},
+            concurrency=8,  # Lambda runs as many as there are requests; a few here
+            log=log,
         )
         stack.callback(admin.close)
         api = stack.enter_context(serve_api(admin, port=0))
@@ -212,11 +230,85 @@ def run(server_url: str, profile: str, rows: int, rounds: int) -> dict[str, floa
     return {"copy_pipe": pipe_rate, "push": push_rate, "ratio": statistics.median(ratios), "ticks": ticks}
 
 
-def main(smoke: bool = False) -> dict[str, float]:
-    rows, rounds = (
-        (3_000, 1)
-        if smoke
-        else (int(os.environ.get("BENCH_E2E_ROWS", 1_000_000)), int(os.environ.get("BENCH_E2E_ROUNDS", 3)))
+def run_several(server_url: str, profile: str, customers_: int, rows: int) -> dict[str, float]:
+    """Several customers back-filling at once, against as many COPY pipes at once."""
+    local_aws_env()
+    names = [f"E2E{i:04d}" for i in range(1, customers_ + 1)]
+    log_path = Path(tempfile.gettempdir()) / f"fleet-bench-e2e-several-{os.getpid()}.log"
+    with ExitStack() as stack:
+        log = stack.enter_context(log_path.open("w"))
+        client_urls = [stack.enter_context(database(server_url, "client")) for _ in names]
+        for url in client_urls:
+            _fill(url, rows)
+        admin_url, api, _admin, ingest_url = stack.enter_context(_stacks(server_url, profile, log))
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            tokens = [customers.create(conn, n, n).token for n in names]
+            _baseline_tables(conn, profile)
+        dynamodb = stack.enter_context(embedded_dynamodb())
+
+        def together(work: Any) -> float:
+            start = time.perf_counter()
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(customers_)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            return time.perf_counter() - start
+
+        pipe_s = together(lambda i: _copy_pipe(client_urls[i], admin_url, names[i], truncate=False))
+        clients = [
+            _client_stack(client_urls[i], ingest_url, tokens[i], dynamodb, f"e2e-several-{i}", log)
+            for i in range(customers_)
+        ]
+        for client in clients:
+            stack.callback(client.close)
+        peak = [0]
+        done = threading.Event()
+
+        def watch() -> None:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                dbname = conn.info.dbname
+                while not done.wait(0.2):
+                    row = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (dbname,)).fetchone()
+                    peak[0] = max(peak[0], int(row[0]) if row else 0)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        with api._lock:
+            api.latencies.clear()
+        try:
+            push_s = together(
+                lambda i: _drain(clients[i], api, admin_url, rows, max(3, rows // 1000), names[i], clear=False)
+            )
+        finally:
+            done.set()
+            watcher.join()
+        with api._lock:
+            posts = sorted(s for key, _status, s in api.latencies if key.startswith("POST"))
+            shed = sum(1 for key, status, _ in api.latencies if key.startswith("POST") and status == 429)
+    total = rows * customers_
+    p50, p99 = posts[len(posts) // 2], posts[min(len(posts) - 1, int(len(posts) * 0.99))]
+    summary(
+        "e2e.several.copy_pipes", total / pipe_s, "rows/s", 1.0, f"{customers_} COPY pipes at once, {rows} rows each"
     )
+    summary(
+        "e2e.several.push",
+        total / push_s,
+        "rows/s",
+        pipe_s / push_s,
+        f"{customers_} customers back-filling at once; requests p50 {p50 * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms;"
+        f" {shed} of {len(posts)} shed (429); peak Admin connections {peak[0]}",
+    )
+    return {"several_copy_pipes": total / pipe_s, "several_push": total / push_s, "several_p99_s": p99}
+
+
+def main(smoke: bool = False) -> dict[str, float]:
+    env = os.environ.get
+    rows, rounds = (3_000, 1) if smoke else (int(env("BENCH_E2E_ROWS", "1000000")), int(env("BENCH_E2E_ROUNDS", "3")))
+    several = (2, 2_000) if smoke else (int(env("BENCH_E2E_CUSTOMERS", "4")), int(env("BENCH_E2E_ROWS_EACH", "250000")))
     with server() as (url, has_ts):
-        return run(url, "timescale" if has_ts else "postgres", rows, rounds)
+        profile = "timescale" if has_ts else "postgres"
+        out = run(url, profile, rows, rounds) if rows else {}
+        if several[0]:
+            out |= run_several(url, profile, *several)
+        return out
