@@ -302,6 +302,84 @@ def run_several(server_url: str, profile: str, customers_: int, rows: int) -> di
     return {"several_copy_pipes": total / pipe_s, "several_push": total / push_s, "several_p99_s": p99}
 
 
+def run_freshness(server_url: str, profile: str, interval_s: float, duration_s: float) -> dict[str, float]:
+    """A steady writer on the Client, the PushFunction on a schedule of ``interval_s``
+    (the template's minute, sped up): from each row's commit to its visibility in
+    ``fleet.hourly_per_device``."""
+    local_aws_env()
+    log_path = Path(tempfile.gettempdir()) / f"fleet-bench-e2e-fresh-{os.getpid()}.log"
+    commits: list[tuple[float, int]] = []  # (commit time, rows written so far)
+    seen: list[tuple[float, int]] = []  # (time, rows visible in the hourly view)
+    with ExitStack() as stack:
+        log = stack.enter_context(log_path.open("w"))
+        client_url = stack.enter_context(database(server_url, "client"))
+        admin_url, _api, _admin, ingest_url = stack.enter_context(_stacks(server_url, profile, log))
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            token = customers.create(conn, CUSTOMER, "bench e2e").token
+        dynamodb = stack.enter_context(embedded_dynamodb())
+        client = _client_stack(client_url, ingest_url, token, dynamodb, "e2e-fresh", log)
+        stack.callback(client.close)
+        client.invoke("PushFunction", scheduled_event("PushFunction", "Push", datetime.now(UTC)))  # warm, as deployed
+        stop = threading.Event()
+
+        def write() -> None:
+            with psycopg.connect(client_url, autocommit=True) as conn:
+                n = 0
+                while not stop.wait(0.2):
+                    conn.execute(
+                        "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+                        " SELECT now() - make_interval(secs => 600) + make_interval(secs => %s + g), 'fresh', g"
+                        " FROM generate_series(1, 10) g",
+                        (n,),
+                    )
+                    n += 10
+                    commits.append((time.monotonic(), n))
+
+        def watch() -> None:
+            with psycopg.connect(admin_url, autocommit=True) as conn:
+                while not stop.wait(0.1):
+                    row = conn.execute(
+                        "SELECT coalesce(sum(sample_count), 0) FROM fleet.hourly_per_device"
+                        " WHERE customer_id = %s AND device_id = 'fresh'",
+                        (CUSTOMER,),
+                    ).fetchone()
+                    seen.append((time.monotonic(), int(row[0]) if row else 0))
+
+        def schedule() -> None:
+            while not stop.is_set():
+                started = time.monotonic()
+                client.invoke("PushFunction", scheduled_event("PushFunction", "Push", datetime.now(UTC)))
+                stop.wait(max(0.0, interval_s - (time.monotonic() - started)))
+
+        threads = [threading.Thread(target=f) for f in (write, watch, schedule)]
+        for t in threads:
+            t.start()
+        time.sleep(duration_s)
+        stop.set()
+        for t in threads:
+            t.join()
+    # Rows committed in the last interval may not be visible yet: leave them out.
+    last_seen = seen[-1][1] if seen else 0
+    latencies = []
+    for committed, count in commits:
+        if count > last_seen:
+            break
+        visible = next(t for t, c in seen if c >= count)
+        latencies.append(max(0.0, visible - committed))
+    latencies.sort()
+    p50 = latencies[len(latencies) // 2]
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    summary(
+        "e2e.freshness_p99",
+        p99 / interval_s,
+        "intervals",
+        None,
+        f"target <= 2; p50 {p50:.2f} s, p99 {p99:.2f} s with a tick every {interval_s:.0f} s;"
+        f" {len(latencies)} writes of 10 rows, 5 a second, commit to fleet.hourly_per_device",
+    )
+    return {"freshness_p50_s": p50, "freshness_p99_s": p99}
+
+
 def main(smoke: bool = False) -> dict[str, float]:
     env = os.environ.get
     rows, rounds = (3_000, 1) if smoke else (int(env("BENCH_E2E_ROWS", "1000000")), int(env("BENCH_E2E_ROUNDS", "3")))
@@ -311,4 +389,7 @@ def main(smoke: bool = False) -> dict[str, float]:
         out = run(url, profile, rows, rounds) if rows else {}
         if several[0]:
             out |= run_several(url, profile, *several)
+        interval, duration = (2.0, 5.0) if smoke else (float(env("BENCH_E2E_INTERVAL_S", "10")), 65.0)
+        if interval:
+            out |= run_freshness(url, profile, interval, duration)
         return out

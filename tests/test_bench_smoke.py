@@ -49,6 +49,7 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         "e2e.drain_at_schedule",
         "e2e.several.copy_pipes",
         "e2e.several.push",
+        "e2e.freshness_p99",
     ):
         assert name in figures, f"{name} missing from:\n{proc.stdout}"
         assert float(figures[name][2]) > 0
