@@ -299,7 +299,7 @@ class PushService:
                 if ready is not None and not flights.full:
                     self._post(flights, ready)
                     ready = None
-                    if self.clock() >= deadline:
+                    if reading and self.clock() >= deadline:
                         # The batch in hand goes out; no new one is read.
                         reading, out_of_time = False, True
                         rep.detail = "time budget of the tick used; the backlog goes on next tick"
