@@ -21,17 +21,11 @@ from typing import Any
 
 import psycopg
 from fleet import customers
-from fleet.local_api import LocalHttpApi
-from fleet.local_runner import (
-    DEFAULT_TEMPLATE,
-    LocalStack,
-    embedded_dynamodb,
-    ensure_state_table,
-    local_aws_env,
-    scheduled_event,
-    serve_api,
-)
-from fleet.sam_template import Template
+from fleet_local.api import LocalHttpApi
+from fleet_local.embedded import embedded_dynamodb, ensure_state_table, local_aws_env
+from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
+from fleet_local.schedules import scheduled_event
+from fleet_local.template import Template
 
 from bench.common import database, server, summary
 from bench.ingest_throughput import COLUMNS, _baseline_tables

@@ -10,11 +10,12 @@ import time
 from typing import Any
 
 import psycopg
-from fleet.local_runner import DEFAULT_TEMPLATE, LocalStack, ensure_state_table, serve_api
 from fleet.push_service import PushService
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
-from fleet.sam_template import Template
+from fleet_local.embedded import ensure_state_table
+from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
+from fleet_local.template import Template
 from harness import INGEST_PATH, new_token
 
 BACKFILLERS = 3
