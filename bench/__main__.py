@@ -1,4 +1,4 @@
-"""python -m bench FIGURE [--smoke]   (figures: ingest push growth coldstart memory all)"""
+"""python -m bench FIGURE [--smoke]   (figures: ingest push growth coldstart memory e2e all)"""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ FIGURES = {
     "growth": "bench.growth",
     "coldstart": "bench.cold_start",
     "memory": "bench.memory",
+    "e2e": "bench.e2e",
 }
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -144,3 +144,16 @@ def make_push_service(
         rng=lambda: jitter,
         **options,
     )
+
+
+def one_at_a_time(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """A handler served in-process as Lambda runs it: one request at a time per
+    execution environment (the Powertools resolver keeps the current event in a
+    module global, so two requests at once on threads of one process would mix)."""
+    lock = threading.Lock()
+
+    def serial(event: Any, context: Any) -> Any:
+        with lock:
+            return handler(event, context)
+
+    return serial

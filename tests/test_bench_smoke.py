@@ -45,6 +45,13 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         "coldstart.ingest_import",
         "coldstart.minimal_powertools_import",
         "memory.ingest_peak_rss",
+        "e2e.copy_pipe",
+        "e2e.push",
+        "e2e.ticks",
+        "e2e.drain_at_schedule",
+        "e2e.several.copy_pipes",
+        "e2e.several.push",
+        "e2e.freshness_p99",
     ):
         assert name in figures, f"{name} missing from:\n{proc.stdout}"
         assert float(figures[name][2]) > 0

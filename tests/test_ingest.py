@@ -212,6 +212,7 @@ def test_state_route_returns_the_ledger_and_limits(api: IngestClient) -> None:
         "max_body_bytes": 200000,
         "max_decompressed_bytes": 1000000,
         "max_items": 500,
+        "max_in_flight": 2,
     }
 
 

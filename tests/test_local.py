@@ -19,7 +19,7 @@ from fleet_local.demo import Sizes, run_demo
 from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
 from fleet_local.schedules import Schedule
 from fleet_local.template import Template
-from support import EVENTS, FakeLambdaContext, load_event, recording_server
+from support import EVENTS, FakeLambdaContext, load_event, one_at_a_time, recording_server
 
 EXAMPLE_TOKEN = load_event("ingest/measurements.json")["headers"]["x-customer-token"]
 
@@ -142,8 +142,8 @@ def test_local_invoke_of_push_equals_the_direct_handler(pg_server, monkeypatch, 
         embedded_dynamodb() as endpoint,
         serving(
             [
-                Route("POST", "/api/fleet/ingest", ingest.handler),
-                Route("GET", "/api/fleet/ingest/state", ingest.handler),
+                Route("POST", "/api/fleet/ingest", one_at_a_time(ingest.handler)),
+                Route("GET", "/api/fleet/ingest/state", one_at_a_time(ingest.handler)),
             ]
         ) as api,
     ):

@@ -7,10 +7,11 @@ its own real PostgreSQL Admin database (or a scripted server for the rules).
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import email.utils
 import gzip
 import json
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -25,12 +26,12 @@ import push
 import pytest
 from fleet import config, customers, push_service, push_source
 from fleet.observability import metrics
-from fleet.push_service import BACKOFF_CAP_S, READ_AHEAD_SWITCH_INTERVAL_S, Checkpoints, PushService
+from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
 from fleet.push_state import LeaseLost, PushStateStore
 from fleet.push_transport import IngestClient, parse_retry_after
 from fleet_local.api import Route, serving
 from moto import mock_aws
-from support import Clock, FakeLambdaContext, load_event, make_push_service
+from support import Clock, FakeLambdaContext, load_event, make_push_service, one_at_a_time
 
 INGEST_PATH = "/api/fleet/ingest"
 
@@ -81,7 +82,8 @@ def admin(admin_db_postgres: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[A
     _reset()
     with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
         token = customers.create(conn, "DEV0001", "Dev").token
-    routes = [Route("POST", INGEST_PATH, ingest.handler), Route("GET", f"{INGEST_PATH}/state", ingest.handler)]
+    handler = one_at_a_time(ingest.handler)
+    routes = [Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)]
     with serving(routes) as api:
         yield Admin(admin_db_postgres, api.url + INGEST_PATH, token)
     _reset()
@@ -123,7 +125,8 @@ def test_push_copies_sites_devices_and_measurements(aws, admin: Admin, client_db
     service = make_push_service(client_db, aws, admin.server_url, admin.token, clock)
     report = service.tick()
     assert report.resources["sites"].outcome == "pushed"
-    assert report.resources["measurements"].rows == 150  # 3 batches of 50
+    # No cap on batches by default: the whole backlog in one tick, 50 rows a batch.
+    assert (report.resources["measurements"].rows, report.resources["measurements"].batches) == (420, 9)
     drain(service, clock)
     assert admin.rows() == client_rows(client_db)
     assert admin.one("SELECT count(*) FROM fleet.sites") == 1
@@ -340,6 +343,7 @@ class Script:
         self.only = only  # the batch type the scripted answers are for; others get 200
         self.requests: list[dict[str, Any]] = []
         self.ledger = ledger or {}
+        self.limits: dict[str, Any] = {}
 
     def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
         if event["requestContext"]["http"]["method"] == "GET":
@@ -349,7 +353,12 @@ class Script:
                     t: {"cursor": self.ledger.get(t), "batch_id": None, "acknowledged_at": None}
                     for t in ("sites", "devices", "measurements")
                 },
-                "limits": {"max_body_bytes": 4_000_000, "max_decompressed_bytes": 16_000_000, "max_items": 10_000},
+                "limits": {
+                    "max_body_bytes": 4_000_000,
+                    "max_decompressed_bytes": 16_000_000,
+                    "max_items": 10_000,
+                    **self.limits,
+                },
             }
             return {"statusCode": 200, "body": json.dumps(body)}
         import base64
@@ -375,7 +384,11 @@ def scripted(aws, client_db: str) -> Iterator[Callable[..., tuple[PushService, S
         answers: list[tuple[int, dict[str, str], dict[str, Any]]], only: str | None = "measurements", **kw: Any
     ) -> tuple[PushService, Script, Clock]:
         script = Script(answers, only)
-        ctx = serving([Route("POST", INGEST_PATH, script), Route("GET", f"{INGEST_PATH}/state", script)])
+        # One batch in flight unless a test asks for more: the script answers in the
+        # order requests arrive, and batches posted together may arrive either way.
+        kw.setdefault("in_flight", 1)
+        handler = one_at_a_time(script)
+        ctx = serving([Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)])
         api = ctx.__enter__()
         servers.append(ctx)
         clock = Clock()
@@ -601,64 +614,176 @@ def test_a_tick_reads_no_new_batch_once_its_time_budget_is_used(scripted, read_a
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])
-def test_read_ahead_shortens_the_thread_switch_interval_only_while_it_reads(scripted, read_ahead: bool) -> None:
-    """The reader gets the GIL back promptly while a push reads ahead (see
-    _prompt_thread_switches); the process's own interval is back afterwards."""
-    before = sys.getswitchinterval()
-    seen: list[float] = []
-
-    class Watch(Checkpoints):
-        def reached(self, name: str, resource: str) -> None:
-            if name == "after_read" and resource == "measurements":
-                seen.append(sys.getswitchinterval())
-
-    service, script, _ = scripted([], batch_size=50, max_batches=4, read_ahead=read_ahead, checkpoints=Watch())
-    service.tick()
-    assert len(script.measurement_requests()) == 4
-    # (the interpreter keeps whole microseconds)
-    assert seen == [pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S if read_ahead else before)] * len(seen) != []
-    assert sys.getswitchinterval() == before
-
-
-@pytest.mark.parametrize(("answer_s", "ahead"), [(0.0, False), (0.3, True)])
-def test_pages_are_read_ahead_only_while_sending_a_batch_waits(
-    scripted, monkeypatch: pytest.MonkeyPatch, answer_s: float, ahead: bool
+def test_a_backlog_larger_than_one_read_drains_in_one_tick_read_after_read(
+    scripted, client_db: str, monkeypatch: pytest.MonkeyPatch, read_ahead: bool
 ) -> None:
-    """Where sending a batch takes less than READ_AHEAD_MIN_WAIT_S there is no wait to
-    fill, and a second thread would only cost: the next page is read in the sending
-    thread. Where it takes longer, the page is read while the batch before it is sent."""
-    monkeypatch.setattr(push_service, "READ_AHEAD_MIN_WAIT_S", 0.2)  # above the local server's answers
-    readers: list[str] = []
-    page = push_source.MeasurementReader.page
+    """No cap by default: a tick reads again from its cursor when a read's rows are
+    used up (each read a snapshot of its own), until the backlog is empty; a row
+    written between two reads goes out in the same tick."""
+    monkeypatch.setattr(push_service, "READ_BATCHES", 2)
+    reads: list[int] = []
+    written: list[bool] = []
+    reader = push_source.MeasurementReader.__init__
 
-    def watched(self: push_source.MeasurementReader, limit: int) -> push_source.MeasurementPage:
-        readers.append(threading.current_thread().name)
-        return page(self, limit)
+    def counted(self: push_source.MeasurementReader, *args: Any) -> None:
+        reads.append(len(reads))
+        reader(self, *args)
 
-    monkeypatch.setattr(push_source.MeasurementReader, "page", watched)
+    monkeypatch.setattr(push_source.MeasurementReader, "__init__", counted)
 
-    class Answering(Checkpoints):
+    class WriteOnce(Checkpoints):
         def reached(self, name: str, resource: str) -> None:
-            if name == "after_send" and resource == "measurements":
-                time.sleep(answer_s)
+            if name == "after_cursor_saved" and resource == "measurements" and len(reads) == 1 and not written:
+                written.append(True)
+                insert(client_db, 1, start=datetime(2026, 7, 1, tzinfo=UTC))
 
-    service, script, _ = scripted([], batch_size=40, max_batches=5, checkpoints=Answering())
-    assert service.tick().resources["measurements"].rows == 200
-    assert [len(r["items"]) for r in script.measurement_requests()] == [40] * 5
-    background = [name.startswith("push-read-ahead") for name in readers]
-    # The first page is read before anything is sent, the second while the first is
-    # sent (no send has been timed yet), the others as the sends before them took.
-    assert background == [False, True] + [ahead] * 3
+    service, script, _ = scripted([], batch_size=30, read_ahead=read_ahead, checkpoints=WriteOnce())
+    report = service.tick().resources["measurements"]
+    sent = [len(r["items"]) for r in script.measurement_requests()]
+    assert sum(sent) == 201 and report.rows == 201 and report.outcome == "pushed"
+    assert len(reads) == 4  # 60 + 60 + 60 rows in two batches each, then 21
+    assert _state(service).cursor == script.measurement_requests()[-1]["headers"]["x-push-cursor"]
 
 
-def test_overlapping_read_aheads_restore_the_switch_interval_once_the_last_ends() -> None:
-    before = sys.getswitchinterval()
-    first, second = push_service._prompt_thread_switches(), push_service._prompt_thread_switches()
-    first.__enter__()
-    second.__enter__()
-    assert sys.getswitchinterval() == pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S)
-    first.__exit__(None, None, None)
-    assert sys.getswitchinterval() == pytest.approx(READ_AHEAD_SWITCH_INTERVAL_S)  # the other still reads
-    failure = RuntimeError("a failed push")
-    assert second.__exit__(RuntimeError, failure, None) is False  # the failure goes on up
-    assert sys.getswitchinterval() == before
+def test_an_operators_cap_still_ends_a_tick(scripted, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(push_service, "READ_BATCHES", 2)
+    service, script, _ = scripted([], batch_size=30, max_batches=3)
+    assert service.tick().resources["measurements"].rows == 90
+    assert [len(r["items"]) for r in script.measurement_requests()] == [30, 30, 30]
+
+
+@pytest.mark.parametrize(("given", "cap"), [(None, None), ("0", None), ("", None), ("7", 7)])
+def test_push_max_batches_zero_or_unset_means_no_cap(given: str | None, cap: int | None) -> None:
+    env = {
+        "DATABASE_URL": "postgresql://x/y",
+        "INGEST_URL": "http://127.0.0.1:1/api/fleet/ingest",
+        "INGEST_TOKEN": "t",
+        "PUSH_STATE_TABLE": "s",
+    }
+    if given is not None:
+        env["PUSH_MAX_BATCHES"] = given
+    assert config.load(config.PushConfig, env).max_batches == cap
+
+
+class Decided(Script):
+    """Answers each POST by what it carries (``decide(items, nth)``), concurrently, as
+    several Lambda environments would; a decision may first wait some seconds."""
+
+    def __init__(self, decide: Callable[[list[dict[str, Any]], int], tuple[float, int]]) -> None:
+        super().__init__([])
+        self.decide = decide
+        self._lock = threading.Lock()
+        self.acknowledged: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any], context: Any) -> dict[str, Any]:
+        if event["requestContext"]["http"]["method"] == "GET" or event["headers"]["x-batch-type"] != "measurements":
+            return super().__call__(event, context)
+        items = json.loads(gzip.decompress(base64.b64decode(event["body"])))["items"]
+        with self._lock:
+            nth = len(self.measurement_requests())
+            self.requests.append({"type": "measurements", "items": items, "headers": event["headers"]})
+        wait, status = self.decide(items, nth)
+        time.sleep(wait)
+        if status == 200:
+            with self._lock:
+                self.acknowledged += items
+        body = {"accepted": len(items), "duplicates": 0, "rejected": 0, "errors": []} if status == 200 else {}
+        return {"statusCode": status, "body": json.dumps(body)}
+
+
+@contextlib.contextmanager
+def _decided_push(
+    aws: Any, client_db: str, decide: Callable[[list[dict[str, Any]], int], tuple[float, int]], **kw: Any
+) -> Iterator[tuple[PushService, Decided, Clock]]:
+    script = Decided(decide)
+    with serving([Route("POST", INGEST_PATH, script), Route("GET", f"{INGEST_PATH}/state", script)]) as api:
+        clock = Clock()
+        token = "flt_" + "a" * 30 + "_aaaaaa"
+        yield make_push_service(client_db, aws, api.url + INGEST_PATH, token, clock, **kw), script, clock
+
+
+def test_a_batch_acknowledged_behind_a_failed_one_does_not_move_the_cursor(aws, client_db: str) -> None:
+    """Two in flight: the first fails slowly while the second is acknowledged at once.
+    The cursor stays before the first; the next tick sends both again."""
+    insert(client_db, 200)
+    failing = [True]
+
+    def decide(items: list[dict[str, Any]], nth: int) -> tuple[float, int]:
+        return (0.5, 500) if failing[0] and items[0]["power_w"] == 0 else (0.0, 200)
+
+    with _decided_push(aws, client_db, decide, batch_size=40, in_flight=2) as (service, script, clock):
+        report = service.tick().resources["measurements"]
+        assert report.outcome == "failed" and report.rows == 0
+        assert len(script.measurement_requests()) == 2  # the second went out while the first was in flight
+        assert len(script.acknowledged) == 40  # ... and the server took it
+        assert _state(service).cursor is None
+        failing[0] = False
+        clock.advance(120)
+        report = service.tick().resources["measurements"]
+    assert report.rows == 200
+    sent_after = script.measurement_requests()[2:]
+    assert sorted(r["items"][0]["power_w"] for r in sent_after) == [0, 40, 80, 120, 160]
+    assert _state(service).cursor == sent_after[-1]["headers"]["x-push-cursor"]
+
+
+def test_a_413_with_batches_in_flight_sends_their_rows_again_smaller(aws, client_db: str) -> None:
+    insert(client_db, 200)
+    refused: list[int] = []
+
+    def decide(items: list[dict[str, Any]], nth: int) -> tuple[float, int]:
+        if items[0]["power_w"] == 0 and not refused:
+            refused.append(nth)
+            return 0.3, 413
+        return 0.0, 200
+
+    with _decided_push(aws, client_db, decide, batch_size=40, in_flight=2) as (service, script, _clock):
+        report = service.tick().resources["measurements"]
+    sizes = [len(r["items"]) for r in script.measurement_requests()]
+    assert sizes[:2] == [40, 40]  # the second was in flight when the first got its 413
+    assert sizes[2:5] == [20, 20, 20]  # then its rows and the later ones at half the size (growing back after)
+    assert report.rows == 200
+    assert min(i["power_w"] for r in script.measurement_requests()[2:4] for i in r["items"]) == 0  # from the start
+    # Every row acknowledged at least once: the one acknowledged behind the 413 again.
+    assert {i["power_w"] for i in script.acknowledged} == set(range(200))
+    assert _state(service).cursor == script.measurement_requests()[-1]["headers"]["x-push-cursor"]
+
+
+def test_a_429_with_a_short_retry_after_is_waited_out_within_the_tick(scripted) -> None:
+    """A server shedding load says when to come back; a backlog goes on in the same
+    tick after that wait, not a schedule interval later."""
+    sleeps: list[float] = []
+    service, script, _ = scripted(
+        [(429, {"Retry-After": "2"}, {"message": "busy"})], batch_size=50, sleep=sleeps.append, time_budget_s=40
+    )
+    report = service.tick().resources["measurements"]
+    assert sleeps == [pytest.approx(2.0)]
+    assert (report.outcome, report.rows, report.shed) == ("pushed", 200, 1)
+    assert [len(r["items"]) for r in script.measurement_requests()] == [50] * 5  # the shed one again, then on
+
+
+def test_a_429_that_asks_for_longer_ends_the_tick(scripted) -> None:
+    sleeps: list[float] = []
+    service, _, clock = scripted([(429, {"Retry-After": "30"}, {"message": "busy"})], sleep=sleeps.append)
+    report = service.tick().resources["measurements"]
+    assert sleeps == [] and report.outcome == "failed"
+    assert _state(service).next_attempt_at - clock.now == pytest.approx(30)
+
+
+def test_no_more_batches_in_flight_than_the_server_advertises(aws, client_db: str) -> None:
+    insert(client_db, 200)
+    at_once = [0, 0]  # now, most
+    lock = threading.Lock()
+
+    def decide(items: list[dict[str, Any]], nth: int) -> tuple[float, int]:
+        with lock:
+            at_once[0] += 1
+            at_once[1] = max(at_once)
+        time.sleep(0.05)
+        with lock:
+            at_once[0] -= 1
+        return 0.0, 200
+
+    with _decided_push(aws, client_db, decide, batch_size=20, in_flight=3) as (service, script, _):
+        script.limits = {"max_in_flight": 1}
+        assert service.tick().resources["measurements"].rows == 200
+    assert at_once[1] == 1

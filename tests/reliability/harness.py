@@ -14,7 +14,7 @@ import psycopg
 from fleet import config, customers
 from fleet.push_service import PushService
 from fleet_local.api import LocalHttpApi, Route, serving
-from support import Clock
+from support import Clock, one_at_a_time
 
 INGEST_PATH = "/api/fleet/ingest"
 __all__ = ["INGEST_PATH", "Clock"]
@@ -32,7 +32,8 @@ def admin_api(
     """The real ingest handler behind local HTTP, against ``admin_url``."""
     monkeypatch.setenv("DATABASE_URL", admin_url)
     reset_caches()
-    handler = wrap(ingest.handler) if wrap else ingest.handler
+    serial = one_at_a_time(ingest.handler)
+    handler = wrap(serial) if wrap else serial
     routes = [Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)]
     try:
         with serving(routes) as api:

@@ -61,7 +61,13 @@ def test_half_of_all_calls_fail_with_503(admin_db_postgres: str, client_db: str,
     token = new_token(admin_db_postgres, "FLAKY")
     clock = Clock()
     with admin_api(admin_db_postgres, monkeypatch) as api:
-        service = make_push_service(client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=100)
+        # One batch in flight: a batch sent again over rows a later one already stored
+        # runs two inserts (the plain one, then ON CONFLICT), and with every other
+        # statement failing it would fail every time (random faults, with batches in
+        # flight: the test below).
+        service = make_push_service(
+            client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=100, in_flight=1
+        )
         failures = 0
         for _ in range(200):
             report = service.tick()
@@ -76,6 +82,47 @@ def test_half_of_all_calls_fail_with_503(admin_db_postgres: str, client_db: str,
     assert failures >= 5
     assert events.get(503, 0) == failures  # every failed batch is audited
     assert events[200] == 10
+
+
+def test_random_503s_with_batches_in_flight_lose_and_double_nothing(
+    admin_db_postgres: str, client_db: str, table: Any, monkeypatch
+) -> None:
+    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION fault() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF random() < 0.3 THEN
+                    RAISE EXCEPTION 'injected fault' USING ERRCODE = '08006';
+                END IF;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER fault BEFORE INSERT ON fleet.power_measurements
+                FOR EACH STATEMENT EXECUTE FUNCTION fault();
+            """
+        )
+    write_numbered(client_db, 1, 2000, per_tx=90)
+    token = new_token(admin_db_postgres, "RANDOM")
+    clock = Clock()
+    with admin_api(admin_db_postgres, monkeypatch) as api:
+        service = make_push_service(
+            client_db, table, api.url + INGEST_PATH, token, clock, jitter=0.5, batch_size=100, in_flight=3
+        )
+        failures = 0
+        for _ in range(300):
+            report = service.tick()
+            failures += report.resources["measurements"].outcome == "failed"
+            if report.resources["measurements"].outcome == "idle":
+                break
+            clock.advance(1900)
+        else:
+            raise AssertionError("backlog not drained")
+    result = tally(client_db, admin_db_postgres, "RANDOM")
+    assert result.missing == set()
+    assert result.doubled == 0
+    assert failures >= 1
+    events = _events(admin_db_postgres)
+    assert events.get(503, 0) >= failures  # every failed batch is audited
 
 
 def test_server_that_commits_then_answers_too_late(

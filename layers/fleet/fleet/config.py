@@ -72,6 +72,12 @@ class IngestConfig(DatabaseSettings):
     max_future_seconds: int = Field(86_400, alias="MAX_FUTURE_SECONDS", ge=0)
     statement_timeout_ms: int = Field(20_000, alias="STATEMENT_TIMEOUT_MS", gt=0)
     hourly_refresh_window_days: int = Field(30, alias="HOURLY_REFRESH_WINDOW_DAYS", gt=0)
+    # Load shedding (fleet.ingest_admission): batches in flight per customer and in all.
+    max_in_flight_per_customer: int = Field(2, alias="INGEST_MAX_IN_FLIGHT_PER_CUSTOMER", gt=0)
+    max_in_flight: int = Field(16, alias="INGEST_MAX_IN_FLIGHT", gt=0)
+    shed_retry_after_s: int = Field(1, alias="INGEST_SHED_RETRY_AFTER_S", gt=0)
+    # A customer admitted nothing for this long is sending live data: the room kept.
+    fresh_after_s: float = Field(10.0, alias="INGEST_FRESH_AFTER_S", gt=0)
 
 
 class PushConfig(SourceMappingSetting):
@@ -83,7 +89,9 @@ class PushConfig(SourceMappingSetting):
     state_table: str = Field(alias="PUSH_STATE_TABLE")
     dynamodb_endpoint: str | None = Field(None, alias="DYNAMODB_ENDPOINT_URL")
     batch_size: int = Field(5_000, alias="PUSH_BATCH_SIZE", gt=0, le=50_000)
-    max_batches: int = Field(3, alias="PUSH_MAX_BATCHES", gt=0, le=10_000)
+    # None (0 in the environment): no cap; a tick sends while there is a backlog and
+    # time left in PUSH_TIME_BUDGET_S. A number caps the measurement batches a tick.
+    max_batches: int | None = Field(None, alias="PUSH_MAX_BATCHES", ge=1, le=1_000_000)
     time_budget_s: float = Field(40.0, alias="PUSH_TIME_BUDGET_S", gt=0)
     connect_timeout_s: float = Field(3.0, alias="PUSH_CONNECT_TIMEOUT_S", gt=0)
     read_timeout_s: float = Field(20.0, alias="PUSH_READ_TIMEOUT_S", gt=0)
@@ -94,6 +102,11 @@ class PushConfig(SourceMappingSetting):
     reconcile_period_s: float = Field(86_400.0, alias="RECONCILE_PERIOD_S", gt=0)
     reconcile_alarm_ticks: int = Field(5, alias="RECONCILE_ALARM_TICKS", gt=0)
     mode: Literal["client"] = "client"
+
+    @field_validator("max_batches", mode="before")
+    @classmethod
+    def _zero_is_no_cap(cls, value: object) -> object:
+        return None if value in (0, "0") else value
 
     @model_validator(mode="after")
     def _sources(self) -> PushConfig:

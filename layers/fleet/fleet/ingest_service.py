@@ -45,6 +45,7 @@ from fleet.errors import (
     Unauthorized,
     UnsupportedMediaType,
 )
+from fleet.ingest_admission import Admission
 from fleet.ingest_store import (
     AuditRecord,
     IngestStore,
@@ -173,6 +174,15 @@ class IngestService:
         self.connections = connections
         self.store = IngestStore(cfg.statement_timeout_ms, timedelta(days=cfg.hourly_refresh_window_days))
         self._envelopes = {bt: _envelope_validator(bt, cfg.max_items) for bt in BatchType}
+        lease_ms = cfg.statement_timeout_ms * 2  # past any write's own timeouts
+        self.admission = Admission(
+            connections,
+            cfg.max_in_flight_per_customer,
+            cfg.max_in_flight,
+            lease_ms,
+            cfg.shed_retry_after_s,
+            int(cfg.fresh_after_s * 1000),
+        )
 
     # -- authentication -----------------------------------------------------
     def authenticate(self, headers: Mapping[str, str]) -> tuple[TokenOwner, bytes]:
@@ -208,7 +218,8 @@ class IngestService:
             audit.rejected = len(parsed.rejects)
             audit.rejects = parsed.rejects
             audit.duration_ms = (time.perf_counter() - started) * 1000
-            written = self._write(parsed, audit, sha)
+            with self.admission.slot(owner.customer_id):
+                written = self._write(parsed, audit, sha)
         except Exception as exc:  # every refusal after the customer is known is audited
             refusal = refusal_for(exc)
             if refusal.status in (413, 429, 503):
@@ -444,6 +455,7 @@ class IngestService:
                     "max_body_bytes": self.cfg.max_body_bytes,
                     "max_decompressed_bytes": self.cfg.max_decompressed_bytes,
                     "max_items": self.cfg.max_items,
+                    "max_in_flight": self.cfg.max_in_flight_per_customer,
                 },
             },
         )

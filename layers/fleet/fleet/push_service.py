@@ -1,10 +1,14 @@
 """One push tick: sites (full set), devices (full set), then measurements by cursor.
 
 Rules (DESIGN.md, Client side):
-- a 2xx advances the cursor, and only after the server answered;
+- a backlog drains while the tick's time budget lasts (an operator may cap the
+  batches); up to IN_FLIGHT batches are in flight, no more than the server
+  advertises, their answers taken in the order they were posted;
+- a 2xx advances the cursor, and only after the server answered, and only past
+  that batch: never past one before it that was not acknowledged;
 - 413 halves the batch size and retries at once; the size grows back after
   consecutive successes;
-- 429/503 wait for Retry-After; other failures and timeouts back off per resource,
+- 429/503 wait for Retry-After (a short 429 within the tick); other failures and timeouts back off per resource,
   1 min doubling to a 30 min cap, with jitter;
 - 401/403, and a 400 for a whole batch, back off at the cap and raise the alarm
   metric; the cursor never moves past a refused batch;
@@ -21,23 +25,20 @@ import hashlib
 import json
 import math
 import random
-import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import psycopg
 
-from fleet import db, push_source
+from fleet import db
 from fleet.errors import FleetError
 from fleet.observability import logger, metrics
 from fleet.push_source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
-from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
+from fleet.push_transport import InFlight, IngestClient, Reply, TransportError, gzip_body
 
 if TYPE_CHECKING:
     from fleet.push_digests import DigestPush
@@ -48,52 +49,29 @@ GROW_AFTER_SUCCESSES = 3
 _BATCH_NAMESPACE = uuid.UUID("6f1d6c2e-41b5-4e55-9a52-6a1f3e0f2b7c")
 
 
-# The read-ahead thread takes each page's rows as they arrive and writes its body;
-# it waits for the socket several times a page and needs the GIL back after each
-# wait, while this thread sends and keeps the books. At Python's default switch
-# interval (5 ms) each of those waits can last as long as this thread runs; with a
-# short one the reader takes each chunk as it arrives. By the benchmark it matters
-# where this thread is busy too: reading ahead of sends that answered at once, 0.58
-# x COPY against 0.55 at the default; with sends waiting 2 ms, 913k against 870k
-# rows/s (medians of five); with 5 or 20 ms, the same. Process-wide, so it is
-# shortened while some push reads ahead and restored after the last one.
-READ_AHEAD_SWITCH_INTERVAL_S = 0.0002
+# Batches of one read (a snapshot and a statement per phase): a tick with a larger
+# backlog reads again from its cursor. Large enough that a read's start is nothing
+# against its rows (500,000 at the default batch size).
+READ_BATCHES = 100
 
-# Read-ahead fills the time a batch's send waits (the ingest's answer, the state's
-# save): tens of ms against a real ingest, where it gives 1.26-1.37x the rows per
-# second. Where sending takes less than this (a sink that answers at once, an ingest
-# on the same machine), the two threads cost more in trading the GIL than they
-# overlap (by the benchmark, 5-12 % of the rows per second), and the push reads the
-# next page in this thread once it has sent.
-READ_AHEAD_MIN_WAIT_S = 0.001
-_switching = threading.Lock()
-_switching_users = 0
-_switching_saved = 0.0
+# A 429 whose Retry-After is at most this is waited out within the tick.
+MAX_WAIT_IN_TICK_S = 10.0
+
+# Measurement batches posted and not yet answered, at most: while the ingest stores
+# one, the next is on its way (bench/README.md, "e2e", has the figures).
+IN_FLIGHT = 2
 
 
-@contextlib.contextmanager
-def _prompt_thread_switches() -> Iterator[None]:
-    global _switching_users, _switching_saved
-    with _switching:
-        if _switching_users == 0:
-            _switching_saved = sys.getswitchinterval()
-            sys.setswitchinterval(min(_switching_saved, READ_AHEAD_SWITCH_INTERVAL_S))
-        _switching_users += 1
-    try:
-        yield
-    finally:
-        with _switching:
-            _switching_users -= 1
-            if _switching_users == 0:
-                sys.setswitchinterval(_switching_saved)
+@dataclass
+class _Batch:
+    page: MeasurementPage
+    body: bytes
+    before: Cursor  # the cursor before its first row
 
 
-Batch = tuple[MeasurementPage, bytes]  # a page and its compressed body
-
-
-def _batch(source: push_source.MeasurementReader, size: int) -> Batch:
-    page = source.page(size)
-    return page, gzip_body(page.body()) if page.count else b""
+def _batch_id(batch_type: str, before: str, after: str, count: int) -> str:
+    """The same batch re-sent gets the same id, so the server's audit shows it."""
+    return str(uuid.uuid5(_BATCH_NAMESPACE, f"{batch_type}|{before}|{after}|{count}"))
 
 
 def _note_interruption(rep: ResourceReport, error: psycopg.Error | None) -> None:
@@ -101,27 +79,6 @@ def _note_interruption(rep: ResourceReport, error: psycopg.Error | None) -> None
     if error is not None:
         rep.detail = f"reading was interrupted; the rest goes on next tick: {type(error).__name__}: {error}"[:500]
         logger.warning("push read interrupted", extra={"resource": "measurements", "error": rep.detail})
-
-
-def _done(read: Callable[..., Batch], *args: Any) -> Future[Batch]:
-    """A batch read here and now (read-ahead off), as the Future a read-ahead gives."""
-    done: Future[Batch] = Future()
-    try:
-        done.set_result(read(*args))
-    except Exception as exc:  # noqa: BLE001 - raised again by result(), as a read-ahead's
-        done.set_exception(exc)
-    return done
-
-
-def _rows_of(ahead: Future[Batch] | None) -> list[push_source.Row]:
-    return [] if ahead is None else ahead.result()[0].rows
-
-
-def _drop(ahead: Future[Any] | None) -> None:
-    """Let a read-ahead finish (the connection is free again after it) and drop it."""
-    if ahead is not None:
-        with contextlib.suppress(Exception):
-            ahead.result()
 
 
 def _describe(exc: psycopg.Error | FleetError) -> str:
@@ -161,6 +118,7 @@ class ResourceReport:
     bytes: int = 0
     duplicates: int = 0
     rejected: int = 0
+    shed: int = 0  # batches the server answered 429
     detail: str | None = None
 
 
@@ -187,35 +145,42 @@ class PushService:
         client: IngestClient,
         *,
         batch_size: int = 5000,
-        max_batches: int = 3,
+        max_batches: int | None = None,
         lease_seconds: int = 120,
         full_resend_seconds: int = 3600,
         clock: Callable[[], float] = time.time,
         rng: Callable[[], float] = random.random,
         checkpoints: Checkpoints | None = None,
         read_ahead: bool = True,
+        in_flight: int = IN_FLIGHT,
         time_budget_s: float | None = None,
         source: PortalSource | None = None,
         digests: DigestPush | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._connect = connect
         self.source = source or PortalSource()  # where the portal keeps each resource
         self.state = state
         self.client = client
         self.batch_size = batch_size
-        self.max_batches = max_batches
+        self.max_batches = max_batches  # None: no cap, the time budget ends a tick
         self.lease_seconds = lease_seconds
         self.full_resend_seconds = full_resend_seconds
         self.clock = clock
         self.rng = rng
         self.checkpoints = checkpoints or Checkpoints()
-        self.read_ahead = read_ahead  # off: read each page after the previous one is acknowledged
+        # Off: each page read once the batch before it is acknowledged, one at a time.
+        # On: pages are read while batches are in flight, up to ``in_flight`` of them
+        # posted at once (and one more read, ready to go).
+        self.read_ahead = read_ahead
+        self.in_flight = in_flight if read_ahead else 1
         # A backlog drains as fast as the server takes it, but a tick reads no new
-        # batch after this many seconds (None: only max_batches ends it).
+        # batch after this many seconds (None: only the backlog's end or max_batches ends it).
         self.time_budget_s = time_budget_s
         self.digests = digests  # reconciliation, after the measurements (None: off)
         if digests is not None:
             digests.source = self.source  # the digests read the portal as the push does
+        self.sleep = sleep
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
         """One pass over sites, devices and measurements. ``time_budget_s`` overrides
@@ -286,6 +251,7 @@ class PushService:
         limits = reply.body.get("limits", {})
         state.server_max_items = limits.get("max_items")
         state.server_max_bytes = limits.get("max_body_bytes")
+        state.server_max_in_flight = limits.get("max_in_flight")
         if state.resource == "measurements":
             state.cursor = _cursor_or_start(entry.get("cursor"))
         self.state.save(state, owner)
@@ -329,61 +295,131 @@ class PushService:
         cursor = self._readable_cursor(state, owner, rep)
         if cursor is None:
             return
-        # The tick's rows come from one statement per phase that the server runs ahead
-        # of the pages (MeasurementReader). Read-ahead: while one batch is sent, a
-        # second thread takes the next page from the reader and writes its body (JSON,
-        # gzip), so the client's work overlaps the HTTP round trip; this thread only
-        # sends and keeps the books. It reads ahead while sending a batch takes long
-        # enough to be worth it (READ_AHEAD_MIN_WAIT_S). Only a 2xx moves the cursor,
-        # as ever; rows taken for a batch that did not succeed are never sent past it
-        # (a 413 hands them back, to be sent again in smaller batches).
-        switches = _prompt_thread_switches() if self.read_ahead else contextlib.nullcontext()
-        max_rows = self._size(state) * self.max_batches
-        with (
-            switches,
-            self.source.reader(conn, cursor, max_rows) as source,
-            ThreadPoolExecutor(max_workers=1, thread_name_prefix="push-read-ahead") as reader,
-        ):
-
-            def read(in_background: bool) -> Future[Batch]:
-                if in_background:
-                    return reader.submit(_batch, source, self._size(state))
-                return _done(_batch, source, self._size(state))
-
-            ahead: Future[Batch] | None = read(False)
-            overlap = self.read_ahead  # until a batch's answer shows nothing to fill
-            try:
-                sent = 0
-                while ahead is not None and sent < self.max_batches:
-                    (page, body), ahead = ahead.result(), None
-                    self.checkpoints.reached("after_read", "measurements")
-                    if not page.count:
-                        break
-                    more = page.full and sent + 1 < self.max_batches
-                    if more and self.clock() >= deadline:
-                        more = False
-                        rep.detail = "time budget of the tick used; the backlog goes on next tick"
-                    if more and overlap:
-                        ahead = read(True)
-                    started = time.perf_counter()
-                    reply = self._send(state, owner, rep, "measurements", body, page.count, cursor, page.cursor)
-                    overlap = self.read_ahead and time.perf_counter() - started >= READ_AHEAD_MIN_WAIT_S
-                    if reply is None:  # 413: halved; the same rows again at the smaller size
-                        source.give_back(page.rows + _rows_of(ahead))
-                        ahead = read(False)
-                        continue
-                    if not 200 <= reply.status < 300:
-                        return
-                    cursor = Cursor.decode(state.cursor)
-                    sent += 1
-                    if more and ahead is None:
-                        ahead = read(False)
-            finally:
-                _drop(ahead)
+        # A backlog drains while there is time left in the tick (and batches left under
+        # an operator's cap), one read at a time: each read a snapshot of its own of at
+        # most READ_BATCHES batches, so no statement is planned for the whole table and
+        # no snapshot lasts the whole tick; the next read starts from the cursor the
+        # last acknowledged batch left.
+        sent = 0
+        while True:
+            batches = READ_BATCHES if self.max_batches is None else min(READ_BATCHES, self.max_batches - sent)
+            cursor, done, ended = self._read_and_send(conn, state, owner, rep, deadline, cursor, batches)
+            sent += done
+            if rep.outcome in ("failed", "refused"):
+                # A batch not acknowledged: the cursor stays before it. A server that
+                # sheds load says when to come back; within the tick, the push does.
+                if not self._wait_for_retry_after(state, rep, deadline):
+                    return
+                continue
+            if ended or (self.max_batches is not None and sent >= self.max_batches):
+                break
+            if self.clock() >= deadline:
+                rep.detail = "time budget of the tick used; the backlog goes on next tick"
+                break
         rep.outcome = "pushed" if rep.batches else "idle"
-        _note_interruption(rep, source.interrupted_by)
         if not conn.broken:
             self._report_lag(conn, cursor)
+
+    def _read_and_send(
+        self,
+        conn: psycopg.Connection,
+        state: ResourceState,
+        owner: str,
+        rep: ResourceReport,
+        deadline: float,
+        cursor: Cursor,
+        batches: int,
+    ) -> tuple[Cursor, int, bool]:
+        """Up to ``batches`` batches from one read: (the cursor after the last one
+        acknowledged, how many were, whether the tick ends here: no backlog left, a
+        batch not acknowledged, the read interrupted, or the time budget used)."""
+        # The read's rows come from one statement per phase that the server runs ahead
+        # of the pages (MeasurementReader). While batches are in flight (their posts
+        # wait for the ingest on threads of their own), this thread reads and writes the
+        # next: the reading, the HTTP round trips and the ingest's work overlap. Answers
+        # are taken in the order the batches were posted, and only a 2xx moves the
+        # cursor, past that batch only: a batch not acknowledged stops the read, and
+        # the batches after it (whatever the server made of them) are sent again from
+        # the cursor later; a 413 hands their rows back, to be sent again smaller.
+        max_rows = self._size(state) * batches
+        sent = acknowledged = 0
+        reading, out_of_time = True, False
+        ready: _Batch | None = None  # read, not yet posted
+        position = cursor  # the cursor after the last batch read
+        # After a failure, one batch at a time until one is acknowledged: a server in
+        # trouble is not sent work it will be asked for again.
+        # And never more than the server says it takes from one customer.
+        depth = 1 if state.failures else min(self.in_flight, state.server_max_in_flight or self.in_flight)
+        with (
+            self.source.reader(conn, cursor, max_rows) as source,
+            InFlight[_Batch](depth) as flights,
+        ):
+            while True:
+                if ready is not None and not flights.full:
+                    self._post(flights, ready)
+                    ready = None
+                    if reading and self.clock() >= deadline:
+                        # The batch in hand goes out; no new one is read.
+                        reading, out_of_time = False, True
+                        rep.detail = "time budget of the tick used; the backlog goes on next tick"
+                    continue
+                if reading and ready is None and sent + len(flights) < batches and (not flights or self.read_ahead):
+                    page = source.page(self._size(state))
+                    self.checkpoints.reached("after_read", "measurements")
+                    if not page.count:
+                        reading = False
+                        continue
+                    batch = _Batch(page, gzip_body(page.body()), position)
+                    if self._too_big(state, owner, batch):
+                        source.give_back(page.rows)  # read again, smaller
+                        continue
+                    ready, position, reading = batch, page.cursor, page.full
+                    continue
+                if not flights:
+                    break
+                batch, answer = flights.oldest()
+                reply = self._answer(
+                    state, owner, rep, "measurements", answer, batch.page.count, len(batch.body), batch.page.cursor
+                )
+                if reply is None:  # 413: halved; these rows and the later ones again, smaller
+                    later = flights.drop() + ([ready] if ready else [])
+                    source.give_back([row for b in (batch, *later) for row in b.page.rows])
+                    ready, position, reading = None, batch.before, True
+                    continue
+                if not 200 <= reply.status < 300:
+                    flights.drop()
+                    return cursor, sent, True
+                cursor = batch.page.cursor
+                sent += 1
+                acknowledged += batch.page.count
+        _note_interruption(rep, source.interrupted_by)
+        # A read whose every row was acknowledged may have had more behind it.
+        more = acknowledged == max_rows and not out_of_time and source.interrupted_by is None
+        return cursor, sent, not more
+
+    def _wait_for_retry_after(self, state: ResourceState, rep: ResourceReport, deadline: float) -> bool:
+        """After a 429 whose Retry-After ends within the tick (and soon): wait, go on."""
+        wait = state.next_attempt_at - self.clock()
+        if not (rep.outcome == "failed" and rep.detail and rep.detail.startswith("429")):
+            return False
+        if wait > MAX_WAIT_IN_TICK_S or self.clock() + wait >= deadline:
+            return False
+        self.sleep(max(wait, 0.0))
+        rep.outcome, rep.detail = "pushed", None
+        return True
+
+    def _post(self, flights: InFlight[_Batch], batch: _Batch) -> None:
+        page = batch.page
+        batch_id = _batch_id("measurements", batch.before.encode(), page.cursor.encode(), page.count)
+        cursor_text = page.cursor.encode()
+        flights.post(batch, lambda: self.client.post_batch("measurements", batch.body, cursor_text, batch_id))
+
+    def _too_big(self, state: ResourceState, owner: str, batch: _Batch) -> bool:
+        """A body over the server's advertised limit is halved before it is sent."""
+        if state.server_max_bytes and len(batch.body) > state.server_max_bytes and batch.page.count > 1:
+            self._halve(state, owner, batch.page.count, "body over the server's limit")
+            return True
+        return False
 
     def _report_lag(self, conn: psycopg.Connection, cursor: Cursor) -> None:
         try:
@@ -442,19 +478,35 @@ class PushService:
         if state.server_max_bytes and len(body) > state.server_max_bytes and count > 1:
             self._halve(state, owner, count, "body over the server's limit")
             return None
-        # The same batch re-sent gets the same id, so the server's audit shows it.
-        before_text = before.encode() if before else ""
-        batch_id = str(uuid.uuid5(_BATCH_NAMESPACE, f"{batch_type}|{before_text}|{after_text}|{count}"))
+        batch_id = _batch_id(batch_type, before.encode() if before else "", after_text, count)
+        answer: Reply | TransportError
         try:
-            reply = self.client.post_batch(batch_type, body, after_text, batch_id)
+            answer = self.client.post_batch(batch_type, body, after_text, batch_id)
         except TransportError as exc:
-            self._failed(state, owner, rep, f"no answer: {exc}")
+            answer = exc
+        return self._answer(state, owner, rep, batch_type, answer, count, len(body), after)
+
+    def _answer(
+        self,
+        state: ResourceState,
+        owner: str,
+        rep: ResourceReport,
+        batch_type: str,
+        answer: Reply | TransportError,
+        count: int,
+        size: int,
+        after: Cursor | str,
+    ) -> Reply | None:
+        """Apply the response rules to a batch's answer. None means "413: resend smaller"."""
+        if isinstance(answer, TransportError):
+            self._failed(state, owner, rep, f"no answer: {answer}")
             return Reply(0, {})
+        reply = answer
         self.checkpoints.reached("after_send", batch_type)
         status = reply.status
         if 200 <= status < 300:
             self.checkpoints.reached("after_2xx", batch_type)
-            self._succeeded(state, owner, rep, reply, count, len(body), after, batch_type)
+            self._succeeded(state, owner, rep, reply, count, size, after, batch_type)
             self.checkpoints.reached("after_cursor_saved", batch_type)
         elif status == 413:
             if count <= 1:
@@ -463,6 +515,7 @@ class PushService:
             self._halve(state, owner, count, "server answered 413")
             return None
         elif status in (429, 503):
+            rep.shed += status == 429
             wait = reply.retry_after if reply.retry_after is not None else backoff_delay(state.failures + 1, self.rng)
             self._failed(state, owner, rep, f"{status}: {reply.body.get('message', '')}", wait=wait)
         elif status in (400, 401, 403):

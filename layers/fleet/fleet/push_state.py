@@ -34,6 +34,7 @@ class ResourceState:
     last_full_push_at: float | None = None
     server_max_items: int | None = None
     server_max_bytes: int | None = None
+    server_max_in_flight: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     _SAVED = (
@@ -48,6 +49,7 @@ class ResourceState:
         "last_full_push_at",
         "server_max_items",
         "server_max_bytes",
+        "server_max_in_flight",
     )
 
     @classmethod
@@ -73,6 +75,7 @@ class ResourceState:
             last_full_push_at=num("last_full_push_at"),
             server_max_items=num("server_max_items"),
             server_max_bytes=num("server_max_bytes"),
+            server_max_in_flight=num("server_max_in_flight"),
         )
 
 

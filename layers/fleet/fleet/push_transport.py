@@ -4,9 +4,13 @@ timeouts and no automatic retries (the push decides what a failure means)."""
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +18,7 @@ import urllib3
 from isal import igzip
 
 USER_AGENT = "fleet-push/0.1"
+MAX_IN_FLIGHT = 4
 
 
 @dataclass
@@ -56,7 +61,7 @@ class IngestClient:
         self._http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
             retries=False,
-            maxsize=2,
+            maxsize=MAX_IN_FLIGHT,  # a kept-alive connection for each batch in flight
         )
 
     def _headers(self) -> dict[str, str]:
@@ -90,3 +95,59 @@ class IngestClient:
         if not isinstance(doc, dict):
             doc = {"message": str(doc)[:200]}
         return Reply(resp.status, doc, parse_retry_after(resp.headers.get("Retry-After")))
+
+
+@dataclass
+class Flight[T]:
+    """One batch posted and not yet answered: what it carries, and its answer."""
+
+    batch: T
+    answer: Future[Reply]
+
+
+class InFlight[T]:
+    """Batches posted on threads of their own, at most ``depth`` at once, their
+    answers taken in the order they were posted (so the cursor only ever moves in
+    order, past batches the server acknowledged). A thread waiting for an answer
+    holds no GIL: the caller reads and writes the next batches meanwhile."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = max(1, min(depth, MAX_IN_FLIGHT))
+        self._posts = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="push-post")
+        self._flights: deque[Flight[T]] = deque()
+
+    def __enter__(self) -> InFlight[T]:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.drop()
+        self._posts.shutdown(wait=True)
+
+    def __len__(self) -> int:
+        return len(self._flights)
+
+    @property
+    def full(self) -> bool:
+        return len(self._flights) >= self.depth
+
+    def post(self, batch: T, send: Callable[[], Reply]) -> None:
+        self._flights.append(Flight(batch, self._posts.submit(send)))
+
+    def oldest(self) -> tuple[T, Reply | TransportError]:
+        """The oldest batch and its answer (or the transport's error), once it came."""
+        flight = self._flights.popleft()
+        try:
+            return flight.batch, flight.answer.result()
+        except TransportError as exc:
+            return flight.batch, exc
+
+    def drop(self) -> list[T]:
+        """The batches still in flight, in order, their answers awaited and ignored (a
+        batch the server stored anyway is sent again later: re-delivery is harmless)."""
+        dropped = []
+        while self._flights:
+            flight = self._flights.popleft()
+            with contextlib.suppress(Exception):
+                flight.answer.result()
+            dropped.append(flight.batch)
+        return dropped
