@@ -11,6 +11,7 @@ layer in ``.aws-sam/build/FleetLayer`` itself, package by package and pin by pin
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -61,7 +62,14 @@ def _imports(path: Path) -> set[str]:
 
 
 def test_the_layer_folder_holds_the_runtime_package_and_its_requirements_only() -> None:
-    assert sorted(p.name for p in LAYER.iterdir() if p.name != "__pycache__") == ["fleet", "requirements.txt"]
+    # What the repository puts there (an editable install may leave its egg-info).
+    tracked = subprocess.run(
+        ["git", "ls-files", "layers/fleet"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    top = sorted({Path(p).relative_to("layers/fleet").parts[0] for p in tracked})
+    assert top == ["fleet", "mappings", "requirements.txt"]
+    # Source mappings ship as data (example files a Client stack can point at), nothing else.
+    assert {Path(p).suffix for p in tracked if p.startswith("layers/fleet/mappings/")} == {".json"}
     assert not (LAYER / "fleet_local").exists()
     assert (ROOT / "tools" / "fleet_local" / "cli.py").exists()
     local_tool = {"cli", "local_cli", "demo", "local_runner", "local_api", "local_worker", "localdb", "sam_template"}

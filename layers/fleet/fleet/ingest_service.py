@@ -569,8 +569,13 @@ def _in_utc(models: list[Measurement]) -> set[int]:
     be moved (0001-01-01T00:00:00+01:00 is in year 0 in UTC)."""
     unmovable: set[int] = set()
     for position, m in enumerate(models):
+        t = m["time"]
+        # What astimezone(UTC) does, for the fixed offset of pydantic's tzinfo (its
+        # utcoffset(None)), without the calls it makes with the datetime: 1.5 ms instead
+        # of 2.4-3.0 for 5,000 items. Any other tzinfo goes through astimezone.
+        offset = t.tzinfo.utcoffset(None)  # type: ignore[union-attr]  # aware: validated
         try:
-            m["time"] = m["time"].astimezone(UTC)
+            m["time"] = t.astimezone(UTC) if offset is None else (t - offset).replace(tzinfo=UTC)
         except OverflowError:
             unmovable.add(position)
     return unmovable
@@ -609,8 +614,15 @@ def json_values(body: bytes, start: int = 0, end: int | None = None) -> int:
     """An upper bound on the JSON values (and keys) in ``body[start:end]``, from its
     bytes: every value after a container's first follows a comma, and every container
     opens with a bracket. Commas and brackets inside strings only raise the bound."""
+    if start == 0 and end is None:
+        # A whole body: one pass in C keeping just those bytes (0.55 ms for 900 KB
+        # against 0.85 for three counts); what it keeps is gone before anything is parsed.
+        return len(body.translate(None, _ALL_BUT_COMMAS_AND_OPENINGS)) + 1
     end = len(body) if end is None else end
     return body.count(b",", start, end) + body.count(b"[", start, end) + body.count(b"{", start, end) + 1
+
+
+_ALL_BUT_COMMAS_AND_OPENINGS = bytes(b for b in range(256) if b not in b",[{")
 
 
 def item_spans(body: bytes, max_items: int) -> list[tuple[int, int]]:
