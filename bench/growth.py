@@ -1,7 +1,11 @@
 """Growth: the push cursor query's time and the ingest's time per batch with 1 M and
 10 M rows already in the table (target: flat, within 1.5x), EXPLAIN plans saved:
 the cursor query's, and the ingest insert's as PostgreSQL ran it inside
-fleet.insert_measurements (auto_explain, nested statements).
+fleet.insert_measurements (auto_explain, nested statements). Reconciliation's cost per
+tick on the same tables: the portal's digest work of one tick (the changed-days scan
+over the last 5,000 rows pushed, their device-days' digests and one day of the
+rolling re-check, every device) and the Admin's comparison of one day's digests of
+every device (rolled back), both flat against 1 M.
 
 The ingest is measured in both Admin profiles where TimescaleDB is installed; in the
 timescale profile the filled history is compressed as the columnstore policy would
@@ -13,7 +17,9 @@ being written out)."""
 
 from __future__ import annotations
 
+import math
 import os
+import random
 import statistics
 import time
 from contextlib import ExitStack
@@ -25,7 +31,9 @@ import psycopg
 from fleet import customers, push_source
 from fleet.ingest_store import IngestStore
 from fleet.profiles import ProfileSettings
+from fleet.push_digests import DigestPush, DigestSettings, DigestState, Key
 from fleet.push_source import Cursor
+from fleet.reconcile_store import compare_digests
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
 from bench.ingest_throughput import _Ctx, _event
@@ -77,6 +85,9 @@ class _Side:
     cursor: Cursor | None
     cursor_ms: list[float] = field(default_factory=list)
     ingest_ms: list[float] = field(default_factory=list)
+    end: Cursor | None = None  # the cursor after the last row (what the push has sent)
+    digest_ms: list[float] = field(default_factory=list)
+    compare_ms: list[float] = field(default_factory=list)
     backfill_ms: list[float] = field(default_factory=list)
 
 
@@ -107,6 +118,56 @@ def _cursor_plan(side: _Side) -> str:
         {"xid": str(side.cursor.xid), "time": side.cursor.time, "device": side.cursor.device, "limit": 5000},
     ).fetchall()
     return "\n".join(r[0] for r in plan)
+
+
+def _end_cursor(conn: psycopg.Connection) -> Cursor:
+    row = conn.execute(
+        "SELECT push_xid::text, time, device_id FROM monitoring.power_measurements"
+        " ORDER BY push_xid DESC, time DESC, device_id DESC LIMIT 1"
+    ).fetchone()
+    assert row is not None
+    return Cursor("xid", int(row[0]), row[1].isoformat(), row[2])
+
+
+_RECHECK_DAY = datetime(2025, 1, 20, tzinfo=UTC).date()  # inside the history at either size
+
+
+def _digest_tick_ms(side: _Side) -> float:
+    """One tick's digest work on the portal, as push_digests does it, without the
+    HTTP round trip: the days of the 5,000 rows pushed last, their device-days'
+    digests, and one day of the rolling re-check for every device."""
+    assert side.client is not None and side.cursor is not None and side.end is not None
+    push = DigestPush(None, None, DigestSettings(), time.time, random.random, 0)  # type: ignore[arg-type]
+    doc = DigestState(position=side.cursor.encode())
+    start = time.perf_counter()
+    with side.client.transaction():
+        side.client.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        push._scan_changed(side.client, doc, side.end, math.inf)
+        work: dict[Any, set[str] | None] = {}
+        for text in doc.pending:
+            day, _, device = text.partition("|")
+            devices = work.setdefault(datetime.fromisoformat(day).date(), set())
+            assert devices is not None
+            devices.add(device)
+        work[_RECHECK_DAY] = None
+        digests: dict[Key, dict[str, Any]] = push._digests(side.client, side.end, work, math.inf)
+    elapsed = (time.perf_counter() - start) * 1000
+    assert len(digests) >= 500, len(digests)
+    return elapsed
+
+
+def _compare_ms(side: _Side) -> float:
+    """The Admin's side of one digests batch: 500 device-days of one day (ten days
+    old: compressed in the timescale profile) compared and recorded, rolled back."""
+    day = (datetime.now(UTC) - timedelta(days=10)).date()
+    items = [{"device_id": f"meter-{i}", "day": day, "count": 1, "hash": "v1:0:0"} for i in range(500)]
+    with psycopg.connect(side.admin_url, autocommit=True) as conn:
+        start = time.perf_counter()
+        with conn.transaction(force_rollback=True):
+            result = compare_digests(conn, "GROW", items)
+        elapsed = (time.perf_counter() - start) * 1000
+    assert result.compared == 500 and len(result.differ) == 500
+    return elapsed
 
 
 def _batch(i: int) -> list[dict[str, Any]]:
@@ -194,6 +255,8 @@ def _side(stack: ExitStack, url: str, profile: str, size: int) -> _Side:
         cursor = _last_page_cursor(client)
     os.environ.update({"DATABASE_URL": admin_url, "MAX_ITEMS": "5000"})
     side = _Side(profile, size, admin_url, load_handler("functions/ingest/ingest.py"), token, client, cursor)
+    if client is not None:
+        side.end = _end_cursor(client)
     _ingest_ms(side, -1)  # warm: the handler connects and caches its service now
     return side
 
@@ -216,12 +279,16 @@ def main(smoke: bool = False) -> dict[str, float]:
             for side in sides:
                 if side.client is not None:
                     side.cursor_ms.append(_cursor_query_ms(side))
+                    side.digest_ms.append(_digest_tick_ms(side))
                 side.ingest_ms.append(_ingest_ms(side, i))
+                side.compare_ms.append(_compare_ms(side))
                 side.backfill_ms.append(_ingest_ms(side, i, _backfill_batch(i)))
         for side in sides:
             if side.client is not None:
                 save(f"growth_cursor_plan_{side.size}.txt", _cursor_plan(side))
                 results[f"cursor_{side.size}"] = statistics.median(side.cursor_ms)
+                results[f"digest_tick_{side.size}"] = statistics.median(side.digest_ms)
+            results[f"{side.profile}.compare_{side.size}"] = statistics.median(side.compare_ms)
             save(f"growth_ingest_plan_{side.profile}_{side.size}.txt", _ingest_plan(side))
             results[f"{side.profile}.ingest_{side.size}"] = statistics.median(side.ingest_ms)
             results[f"{side.profile}.backfill_{side.size}"] = statistics.median(side.backfill_ms)
@@ -234,10 +301,16 @@ def main(smoke: bool = False) -> dict[str, float]:
         results[f"cursor_{large}"] / results[f"cursor_{small}"],
         "target <= 1.5",
     )
+    base, grown = results[f"digest_tick_{small}"], results[f"digest_tick_{large}"]
+    summary(f"growth.digest_tick_{small}", base, "ms", 1.0, "baseline")
+    summary(f"growth.digest_tick_{large}", grown, "ms", grown / base, "target <= 1.5")
     for profile in profiles:
         base, grown = results[f"{profile}.ingest_{small}"], results[f"{profile}.ingest_{large}"]
         summary(f"growth.{profile}.ingest_batch_{small}", base, "ms", 1.0, "baseline")
         summary(f"growth.{profile}.ingest_batch_{large}", grown, "ms", grown / base, "target <= 1.5")
+        base, grown = results[f"{profile}.compare_{small}"], results[f"{profile}.compare_{large}"]
+        summary(f"growth.{profile}.digest_compare_{small}", base, "ms", 1.0, "baseline")
+        summary(f"growth.{profile}.digest_compare_{large}", grown, "ms", grown / base, "target <= 1.5")
         base, grown = results[f"{profile}.backfill_{small}"], results[f"{profile}.backfill_{large}"]
         summary(f"growth.{profile}.backfill_batch_{small}", base, "ms", 1.0, "baseline: between stored readings")
         summary(f"growth.{profile}.backfill_batch_{large}", grown, "ms", grown / base, "target <= 1.5")

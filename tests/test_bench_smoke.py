@@ -40,6 +40,8 @@ def test_every_benchmark_runs_and_prints_its_summary_lines(pg_server) -> None:
         "push.read_ahead_without_round_trip",
         "growth.cursor_query_200000",
         "growth.postgres.ingest_batch_200000",
+        "growth.digest_tick_200000",
+        "growth.postgres.digest_compare_200000",
         "coldstart.ingest_import",
         "coldstart.minimal_powertools_import",
         "memory.ingest_peak_rss",

@@ -326,6 +326,7 @@ def test_an_ef_core_portal_arrives_value_for_value(aws, admin: Admin, empty_db: 
     assert _relations(empty_db) - before == {
         "monitoring.PowerMeasurements_push_cursor_idx",
         "monitoring.PowerMeasurements_push_legacy_idx",
+        "monitoring.PowerMeasurements_push_day_idx",
     }
     with psycopg.connect(empty_db) as conn:
         columns = conn.execute(

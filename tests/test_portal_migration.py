@@ -83,6 +83,7 @@ def _indexes(conn: psycopg.Connection) -> dict[str, bool]:
 CURSOR_INDEXES = {
     "power_measurements_push_cursor_idx",
     "power_measurements_push_legacy_idx",
+    "power_measurements_push_day_idx",
     "power_measurements_received_at_idx",
 }
 

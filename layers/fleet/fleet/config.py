@@ -97,6 +97,10 @@ class PushConfig(SourceMappingSetting):
     read_timeout_s: float = Field(20.0, alias="PUSH_READ_TIMEOUT_S", gt=0)
     lease_seconds: int = Field(120, alias="PUSH_LEASE_SECONDS", gt=0)
     full_resend_seconds: int = Field(3600, alias="PUSH_FULL_RESEND_SECONDS", gt=0)
+    reconcile_enabled: bool = Field(True, alias="RECONCILE_ENABLED")
+    reconcile_horizon_days: int = Field(90, alias="RECONCILE_HORIZON_DAYS", gt=0, le=3660)
+    reconcile_period_s: float = Field(86_400.0, alias="RECONCILE_PERIOD_S", gt=0)
+    reconcile_alarm_ticks: int = Field(5, alias="RECONCILE_ALARM_TICKS", gt=0)
     mode: Literal["client"] = "client"
 
     @field_validator("max_batches", mode="before")

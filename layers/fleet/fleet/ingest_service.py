@@ -41,6 +41,7 @@ from fleet.errors import (
     Forbidden,
     PayloadTooLarge,
     RequestRefused,
+    ServiceUnavailable,
     Unauthorized,
     UnsupportedMediaType,
 )
@@ -50,6 +51,7 @@ from fleet.ingest_store import (
     IngestStore,
     Reject,
     TokenOwner,
+    WriteOutcome,
     find_token_owner,
     ledger,
     payload_text,
@@ -217,7 +219,7 @@ class IngestService:
             audit.rejects = parsed.rejects
             audit.duration_ms = (time.perf_counter() - started) * 1000
             with self.admission.slot(owner.customer_id):
-                self._write(parsed, audit, sha)
+                written = self._write(parsed, audit, sha)
         except Exception as exc:  # every refusal after the customer is known is audited
             refusal = refusal_for(exc)
             if refusal.status in (413, 429, 503):
@@ -227,25 +229,35 @@ class IngestService:
             self._audit_refusal(audit, refusal, started)  # the handler logs what is unexpected
             raise
         self._count(audit)
-        return IngestResponse(
-            200,
-            {
-                "accepted": audit.accepted,
-                "duplicates": audit.duplicates,
-                "rejected": audit.rejected,
-                "errors": [{"index": r.index, "reason": r.reason} for r in audit.rejects],
-            },
-        )
+        body: dict[str, Any] = {
+            "accepted": audit.accepted,
+            "duplicates": audit.duplicates,
+            "rejected": audit.rejected,
+            "errors": [{"index": r.index, "reason": r.reason} for r in audit.rejects],
+        }
+        if parsed.batch_type is BatchType.DIGESTS:
+            body["differ"] = written.differ  # the device-days whose digests differ
+        return IngestResponse(200, body)
 
-    def _write(self, parsed: _Parsed, audit: AuditRecord, sha: bytes) -> None:
+    def _write(self, parsed: _Parsed, audit: AuditRecord, sha: bytes) -> WriteOutcome:
         """The batch in one transaction; when the database refuses it for something
         in it, again in halves down to the items it refuses, which are rejected."""
         bt, valid = parsed.batch_type, parsed.valid
         try:
-            self.connections.run(lambda conn: self.store.write_batch(conn, audit, bt, valid, parsed.valid_total, sha))
+            return self.connections.run(
+                lambda conn: self.store.write_batch(conn, audit, bt, valid, parsed.valid_total, sha)
+            )
         except (DatabaseBusy, DatabaseUnavailable):
             raise
-        except Exception as exc:  # noqa: BLE001 - the data's fault, whatever it is: find the items
+        except Exception as exc:  # the data's fault, whatever it is: find the items
+            if bt is BatchType.DIGESTS:
+                # A digest holds no data to keep, and rejecting its items would read as
+                # nothing differing: a comparison the database could not make is
+                # answered 503, and the push digests those days again after the wait.
+                if isinstance(exc, psycopg.Error):
+                    logger.exception("database error while comparing digests")
+                    raise ServiceUnavailable("the digests could not be compared; retry later", retry_after=30) from exc
+                raise
             logger.warning("a batch was refused whole; writing it in parts", extra={"error": describe(exc)})
             metrics.add_metric(name="BatchesWrittenInParts", unit="Count", value=1)
 
@@ -254,7 +266,7 @@ class IngestService:
                 audit.rejects = sorted([*parsed.rejects, *by_store], key=_reject_order)
                 audit.rejected = len(audit.rejects)
 
-            self.connections.run(
+            return self.connections.run(
                 lambda conn: self.store.write_in_parts(conn, audit, bt, valid, parsed.valid_total, sha, refuse)
             )
 
@@ -293,7 +305,7 @@ class IngestService:
         try:
             batch_type = BatchType(headers.get("x-batch-type", ""))
         except ValueError:
-            raise BadRequest("X-Batch-Type must be one of: sites, devices, measurements") from None
+            raise BadRequest(f"X-Batch-Type must be one of: {', '.join(BatchType)}") from None
         audit.batch_id = _batch_id(headers.get("x-batch-id"))
         cursor = headers.get("x-push-cursor")
         if cursor is not None and len(cursor) > _MAX_CURSOR:
@@ -570,15 +582,17 @@ def _in_utc(models: list[Measurement]) -> set[int]:
 
 
 def _unique(batch_type: BatchType, models: list[Any], positions: list[int]) -> tuple[list[Any], list[int]]:
-    """One row per key for the upserts: the last site or device (the newest description)."""
+    """One row per key for the upserts: the last site or device (the newest description),
+    the last digest of a device-day."""
     if batch_type is BatchType.MEASUREMENTS:
         # Repeats inside the batch are left to ON CONFLICT DO NOTHING, which keeps
         # the first and counts the rest as duplicates.
         return models, positions
-    latest: dict[str, tuple[Any, int]] = {}
+    latest: dict[Any, tuple[Any, int]] = {}
     for item, position in zip(models, positions, strict=True):
-        latest.pop(item["id"], None)  # re-inserted: the dict keeps the order of the last
-        latest[item["id"]] = (item, position)
+        key = (item["device_id"], item["day"]) if batch_type is BatchType.DIGESTS else item["id"]
+        latest.pop(key, None)  # re-inserted: the dict keeps the order of the last
+        latest[key] = (item, position)
     return [m for m, _ in latest.values()], [p for _, p in latest.values()]
 
 

@@ -22,6 +22,7 @@ from fleet.db import classify
 from fleet.errors import DatabaseUnavailable, PayloadTooLarge
 from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
 from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
+from fleet.reconcile_store import compare_digests
 
 # What PostgreSQL's text cannot hold: NUL, and UTF-16 surrogates (a JSON escape such
 # as \ud800 decodes to one, alone, and UTF-8 cannot encode it).
@@ -107,6 +108,7 @@ class WriteOutcome:
     duplicates: int
     min_time: datetime | None = None
     max_time: datetime | None = None
+    differ: list[dict[str, Any]] = field(default_factory=list)  # digests: the device-days that differ
 
 
 def find_token_owner(conn: psycopg.Connection, token_sha256: bytes) -> TokenOwner | None:
@@ -241,6 +243,7 @@ class IngestStore:
                 continue
             total.accepted += part.accepted
             total.duplicates += part.duplicates
+            total.differ += part.differ
             if part.min_time is not None:
                 total.min_time = min(total.min_time or part.min_time, part.min_time)
             if part.max_time is not None:
@@ -257,6 +260,9 @@ class IngestStore:
     ) -> WriteOutcome:
         if batch_type is BatchType.MEASUREMENTS:
             return self._measurements(conn, customer_id, items)  # type: ignore[arg-type]
+        if batch_type is BatchType.DIGESTS:
+            compared = compare_digests(conn, customer_id, items)
+            return WriteOutcome(compared.compared, 0, differ=compared.differ)
         if batch_type is BatchType.SITES:
             return WriteOutcome(*_upsert_sites(conn, customer_id, items))  # type: ignore[arg-type]
         return WriteOutcome(*_upsert_devices(conn, customer_id, items))  # type: ignore[arg-type]

@@ -8,8 +8,9 @@ file that has changed since is refused, never silently re-run.
 
 The client role works on the customer's portal database, through the push's source
 mapping (fleet.push_mapping), checked against the catalogue before anything runs.
-It adds only the push's cursor column and its indexes to the mapped measurements
-table, without a write outage: the column nullable first, then its default (neither
+It adds only the push's cursor column and its indexes (the cursor's order, and the
+day's range reconciliation digests by) to the mapped measurements table,
+without a write outage: the column nullable first, then its default (neither
 rewrites the table), each ALTER waiting at most a moment for its lock and retried;
 the indexes built with CREATE INDEX CONCURRENTLY outside any transaction, and an
 index an interrupted build left invalid is dropped and built again. The project's
@@ -380,8 +381,9 @@ def index_name(table: str, suffix: str) -> str:
 def prepare_cursor(conn: psycopg.Connection, table: ResolvedTable, default_tables: bool) -> list[str]:
     """The push's cursor on the mapped measurements table: ``push_xid xid8 DEFAULT
     pg_current_xact_id()`` (nullable first, then the default: no rewrite; rows from
-    before keep NULL and are pushed first) and the indexes of the cursor's order, on
-    the very expressions the push reads by (fleet.push_source.cursor_key)."""
+    before keep NULL and are pushed first) and the indexes of the cursor's order and
+    of reconciliation's days, on the very expressions the push reads by
+    (fleet.push_source.cursor_key)."""
     from fleet.push_source import cursor_key
 
     changes: list[str] = []
@@ -407,6 +409,10 @@ def prepare_cursor(conn: psycopg.Connection, table: ResolvedTable, default_table
     indexes: list[tuple[str, sql.Composable]] = [
         ("push_cursor_idx", sql.SQL("(push_xid, ({}), ({}))").format(at, device)),
         ("push_legacy_idx", sql.SQL("(({}), ({})) WHERE push_xid IS NULL").format(at, device)),
+        # Reconciliation digests one UTC day at a time (every device of it, or a few):
+        # a range of time, which the cursor's index (push_xid first) cannot serve; the
+        # legacy index serves the rows from before the cursor column.
+        ("push_day_idx", sql.SQL("(({}), ({})) WHERE push_xid IS NOT NULL").format(at, device)),
     ]
     if default_tables:
         # The project's own tables have it (sql/client/001), and its index: both done

@@ -9,6 +9,7 @@ so one bad item is rejected with its index and a reason while the rest lands.
 
 from __future__ import annotations
 
+from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any, NotRequired, TypedDict
 
@@ -29,6 +30,9 @@ Metric = Annotated[float | None, Field(strict=True)]
 Time = Annotated[AwareDatetime, Field(strict=True)]
 OptionalTime = Annotated[AwareDatetime | None, Field(strict=True)]
 
+# A day's digest, as fleet/reconcile.py writes it.
+DIGEST_HASH_PATTERN = r"^v1:\d{1,20}:\d{1,20}$"
+
 _ITEM = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown fields ignored (forward compatible)
 
 
@@ -36,6 +40,7 @@ class BatchType(StrEnum):
     SITES = "sites"
     DEVICES = "devices"
     MEASUREMENTS = "measurements"
+    DIGESTS = "digests"
 
 
 @with_config(_ITEM)
@@ -70,10 +75,21 @@ class Measurement(TypedDict):
     frequency_hz: NotRequired[Metric]
 
 
+@with_config(_ITEM)
+class Digest(TypedDict):
+    """What the portal holds for one device on one UTC day (fleet/reconcile.py)."""
+
+    device_id: ClientId
+    day: Annotated[date, Field(strict=True)]
+    count: Annotated[int, Field(strict=True, ge=0, le=2**53)]
+    hash: Annotated[str, Field(strict=True, pattern=DIGEST_HASH_PATTERN)]
+
+
 ITEM_MODELS: dict[BatchType, Any] = {
     BatchType.SITES: Site,
     BatchType.DEVICES: Device,
     BatchType.MEASUREMENTS: Measurement,
+    BatchType.DIGESTS: Digest,
 }
 
 MEASUREMENT_FIELDS = ("power_w", "voltage_v", "current_a", "energy_wh", "power_factor", "frequency_hz")

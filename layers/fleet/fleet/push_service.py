@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 
@@ -39,6 +39,9 @@ from fleet.observability import logger, metrics
 from fleet.push_source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
 from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
 from fleet.push_transport import InFlight, IngestClient, Reply, TransportError, gzip_body
+
+if TYPE_CHECKING:
+    from fleet.push_digests import DigestPush
 
 BACKOFF_BASE_S = 60.0
 BACKOFF_CAP_S = 1800.0
@@ -152,6 +155,7 @@ class PushService:
         in_flight: int = IN_FLIGHT,
         time_budget_s: float | None = None,
         source: PortalSource | None = None,
+        digests: DigestPush | None = None,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self._connect = connect
@@ -173,6 +177,9 @@ class PushService:
         # A backlog drains as fast as the server takes it, but a tick reads no new
         # batch after this many seconds (None: only the backlog's end or max_batches ends it).
         self.time_budget_s = time_budget_s
+        self.digests = digests  # reconciliation, after the measurements (None: off)
+        if digests is not None:
+            digests.source = self.source  # the digests read the portal as the push does
         self.sleep = sleep
 
     def tick(self, owner: str | None = None, time_budget_s: float | None = None) -> TickReport:
@@ -189,6 +196,10 @@ class PushService:
                 if conn is None or conn.closed or conn.broken:  # one resource's failure may have ended it
                     conn = connections.enter_context(self._connect())
                 report.resources[resource] = self._run_resource(conn, resource, owner, deadline)
+            if self.digests is not None:
+                if conn is None or conn.closed or conn.broken:
+                    conn = connections.enter_context(self._connect())
+                report.resources["digests"] = self.digests.run(conn, owner, deadline)
         return report
 
     # -- one resource ---------------------------------------------------------------

@@ -3,10 +3,14 @@ parameters, cached; a local run may pass the token directly)."""
 
 from __future__ import annotations
 
+import random
+import time
+
 import psycopg
 
 from fleet import db
 from fleet.config import PushConfig
+from fleet.push_digests import DigestPush, DigestSettings
 from fleet.push_service import PushService
 from fleet.push_source import PortalSource
 from fleet.push_state import PushStateStore
@@ -28,10 +32,21 @@ def build_push_service(cfg: PushConfig) -> PushService:
         return db.connect(db.resolve_conninfo(cfg.database_url, cfg.db_secret_arn))
 
     client = IngestClient(str(cfg.ingest_url), _token(cfg), cfg.connect_timeout_s, cfg.read_timeout_s)
+    state = PushStateStore.connect(cfg.state_table, cfg.dynamodb_endpoint)
+    digests = None
+    if cfg.reconcile_enabled:
+        settings = DigestSettings(
+            horizon_days=cfg.reconcile_horizon_days,
+            period_s=cfg.reconcile_period_s,
+            alarm_ticks=cfg.reconcile_alarm_ticks,
+            batch_size=cfg.batch_size,
+        )
+        digests = DigestPush(state, client, settings, time.time, random.random, cfg.lease_seconds)
     return PushService(
         connect,
-        PushStateStore.connect(cfg.state_table, cfg.dynamodb_endpoint),
+        state,
         client,
+        digests=digests,
         batch_size=cfg.batch_size,
         max_batches=cfg.max_batches,
         time_budget_s=cfg.time_budget_s,
