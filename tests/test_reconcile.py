@@ -329,11 +329,14 @@ def test_a_digests_batch_is_compared_recorded_audited_and_answered_by_the_contra
         {"device_id": "m2", "day": day.isoformat(), "count": 0, "hash": "v1:0:0"},  # both hold none
         {"device_id": "m3", "day": "2026-11-31", "count": 1, "hash": "v1:1:1"},  # no such day
         {"device_id": "m4", "day": day.isoformat(), "count": -1, "hash": "sha1:x"},
+        {"device_id": "m5", "day": day.isoformat(), "count": 1, "hash": f"v1:{2**64 - 1}:{2**64}"},  # over mod 2**64
+        {"device_id": "m6", "day": "9999-12-31", "count": 0, "hash": "v1:0:0"},  # an unset clock's last day
     ]
     status, body = _post_digests(admin, items)
     assert status == 200
-    assert body["accepted"] == 2 and body["rejected"] == 2
-    assert [e["index"] for e in body["errors"]] == [2, 3]
+    assert body["accepted"] == 3 and body["rejected"] == 3
+    assert [e["index"] for e in body["errors"]] == [2, 3, 4]
+    assert "2**64" in body["errors"][2]["reason"]
     assert body["differ"] == [
         {"device_id": "m1", "day": day.isoformat(), "outcome": "missing", "portal_count": 2, "admin_count": 1}
     ]
@@ -342,11 +345,12 @@ def test_a_digests_batch_is_compared_recorded_audited_and_answered_by_the_contra
     assert admin.execute("SELECT device_id, outcome FROM fleet.reconciliation ORDER BY 1") == [
         ("m1", "missing"),
         ("m2", "matched"),
+        ("m6", "matched"),
     ]
     assert admin.execute(
         "SELECT count(*), sum(accepted), sum(rejected) FROM fleet.ingest_events WHERE batch_type = 'digests'"
-    ) == [(2, 4, 4)]
-    assert admin.execute("SELECT count(*) FROM fleet.quarantine WHERE batch_type = 'digests'") == [(4,)]
+    ) == [(2, 6, 6)]
+    assert admin.execute("SELECT count(*) FROM fleet.quarantine WHERE batch_type = 'digests'") == [(6,)]
     # Nothing was deleted, and a stranger is refused.
     assert admin.execute("SELECT count(*) FROM fleet.power_measurements") == [(1,)]
     assert _post_digests(admin, items, token="flt_wrong")[0] == 401
@@ -498,7 +502,7 @@ def test_the_digests_read_a_mapped_day_by_its_indexes(empty_db: str) -> None:
         queries = DigestQueries(PortalSource(EF_MAPPING).table(conn, "measurements"), conn)
         params = {
             "start": _day_start(FIRST_DAY),
-            "end": _day_start(FIRST_DAY + timedelta(days=1)),
+            "last": _day_start(FIRST_DAY + timedelta(days=1)) - timedelta(microseconds=1),
             "cx": str(2**40),
             "ct": "infinity",
             "cd": "",

@@ -13,7 +13,7 @@ from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any, NotRequired, TypedDict
 
-from pydantic import AwareDatetime, ConfigDict, Field, with_config
+from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, with_config
 
 # Text PostgreSQL can store: no NUL. In JSON a NUL can only be written as the escape
 # \u0000 (a raw control character is invalid JSON), which the whole-batch validation
@@ -31,6 +31,7 @@ Time = Annotated[AwareDatetime, Field(strict=True)]
 OptionalTime = Annotated[AwareDatetime | None, Field(strict=True)]
 
 # A day's digest, as fleet/reconcile.py writes it.
+# Each half a sum modulo 2**64: at most 18446744073709551615 (20 digits, checked below).
 DIGEST_HASH_PATTERN = r"^v1:\d{1,20}:\d{1,20}$"
 
 _ITEM = ConfigDict(extra="ignore", allow_inf_nan=False)  # unknown fields ignored (forward compatible)
@@ -75,6 +76,12 @@ class Measurement(TypedDict):
     frequency_hz: NotRequired[Metric]
 
 
+def _halves_below_2_64(text: str) -> str:
+    if any(int(half) >= 2**64 for half in text.split(":")[1:]):
+        raise ValueError("each half of the hash is a sum modulo 2**64: below 18446744073709551616")
+    return text
+
+
 @with_config(_ITEM)
 class Digest(TypedDict):
     """What the portal holds for one device on one UTC day (fleet/reconcile.py)."""
@@ -82,7 +89,7 @@ class Digest(TypedDict):
     device_id: ClientId
     day: Annotated[date, Field(strict=True)]
     count: Annotated[int, Field(strict=True, ge=0, le=2**53)]
-    hash: Annotated[str, Field(strict=True, pattern=DIGEST_HASH_PATTERN)]
+    hash: Annotated[str, Field(strict=True, pattern=DIGEST_HASH_PATTERN), AfterValidator(_halves_below_2_64)]
 
 
 ITEM_MODELS: dict[BatchType, Any] = {

@@ -42,7 +42,7 @@ from fleet.push_service import ResourceReport, backoff_delay
 from fleet.push_source import Cursor, PortalSource, cursor_key, number_expression
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
-from fleet.reconcile import EMPTY_HASH, HEALABLE, RowColumns, digest_sql, row_hash_sql
+from fleet.reconcile import EMPTY_HASH, HEALABLE, RowColumns, day_bounds, digest_sql, row_hash_sql
 
 RESOURCE = "digests"
 _NAMESPACE = uuid.UUID("0b5d1a52-8a8e-4d0c-9a63-3f0f3b1d2c71")
@@ -120,7 +120,7 @@ class DigestQueries:
             """The ingestible rows of one day the cursor has passed (of some devices)."""
             devices = f" AND {device} = ANY(%(devices)s::text[])" if some_devices else ""
             return " UNION ALL ".join(
-                f"SELECT {columns} FROM {source} WHERE {part} AND {at} >= %(start)s AND {at} < %(end)s"
+                f"SELECT {columns} FROM {source} WHERE {part} AND {at} >= %(start)s AND {at} <= %(last)s"
                 f" AND {ingestible}{devices}{also}"
                 for part in behind[phase]
             )
@@ -458,10 +458,10 @@ class DigestPush:
 
     @staticmethod
     def _day_params(cursor: Cursor, day: date) -> dict[str, Any]:
-        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        start, last = day_bounds(day)
         return {
             "start": start,
-            "end": start + timedelta(days=1),
+            "last": last,
             "cx": str(cursor.xid),
             "ct": cursor.time,
             "cd": cursor.device,

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, date, datetime, time
 
 from fleet.models import MEASUREMENT_FIELDS
 
@@ -80,3 +81,9 @@ def outcome_sql(portal_count: str, portal_hash: str, admin_count: str, admin_has
 # What a push re-sends: the Admin lacks rows (or holds as many with some other), and
 # re-delivery is harmless. Rows the Admin holds and the portal does not are reported.
 HEALABLE = frozenset({"missing", "differs"})
+
+
+def day_bounds(day: date) -> tuple[datetime, datetime]:
+    """A UTC day's first and last microsecond, both inclusive: the day after
+    9999-12-31 is not a datetime, and meters with unset clocks write such days."""
+    return datetime.combine(day, time.min, UTC), datetime.combine(day, time.max, UTC)

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime, timedelta
+from datetime import date
 from typing import Any
 
 import psycopg
 
-from fleet.reconcile import ADMIN_COLUMNS, EMPTY_HASH, digest_sql, outcome_sql, row_hash_sql
+from fleet.reconcile import ADMIN_COLUMNS, EMPTY_HASH, day_bounds, digest_sql, outcome_sql, row_hash_sql
 
 # The Admin's digests of one day, of the devices asked: one read of the day's range
 # of the measurement key, its bounds known when the statement is planned (so only
@@ -28,7 +28,7 @@ _ADMIN_DAY = f"""
 SELECT device_id, {digest_sql("r.h")}
 FROM (SELECT m.device_id, {row_hash_sql(ADMIN_COLUMNS)} AS h
       FROM fleet.power_measurements m
-      WHERE m.time >= %(start)s AND m.time < %(end)s
+      WHERE m.time >= %(start)s AND m.time <= %(last)s
         AND m.customer_id = %(customer)s AND m.device_id = ANY(%(devices)s::text[])) r
 GROUP BY device_id
 """
@@ -76,8 +76,8 @@ def compare_digests(conn: psycopg.Connection, customer_id: str, items: Sequence[
         by_day.setdefault(d["day"], []).append(d["device_id"])
     admin: dict[tuple[str, date], tuple[int, str]] = {}
     for day, devices in by_day.items():
-        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
-        params = {"start": start, "end": start + timedelta(days=1), "customer": customer_id, "devices": devices}
+        start, last = day_bounds(day)
+        params = {"start": start, "last": last, "customer": customer_id, "devices": devices}
         for device, count, hash_text in conn.execute(_ADMIN_DAY, params).fetchall():
             admin[(device, day)] = (int(count), hash_text)
     theirs = [admin.get((d["device_id"], d["day"]), (0, EMPTY_HASH)) for d in items]
