@@ -20,7 +20,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, TypedDict
@@ -69,6 +69,9 @@ _QUARANTINE_BODY_EXCERPT = 65_536
 # rejected unparsed. At 60-110 bytes a value in pydantic-core's or json's trees this
 # keeps a parse under ~55 MB; nesting is bounded by pydantic-core's recursion limit.
 WHOLE_BODY_VALUES = 500_000
+# A measurements body at least twice this size is written while it is parsed, in parts
+# of about this many bytes (IngestService._write_while_parsing).
+PART_BYTES = 262_144
 _ONE = {bt: TypeAdapter(model) for bt, model in ITEM_MODELS.items()}
 
 
@@ -214,12 +217,15 @@ class IngestService:
         try:
             if not owner.active:
                 raise Forbidden("customer is disabled")
-            parsed = self._parse(request, audit)
-            audit.rejected = len(parsed.rejects)
-            audit.rejects = parsed.rejects
-            audit.duration_ms = (time.perf_counter() - started) * 1000
-            with self.admission.slot(owner.customer_id):
-                written = self._write(parsed, audit, sha)
+            batch_type, body = self._body(request, audit)
+            written = self._write_while_parsing(batch_type, body, audit, owner.customer_id, sha, started)
+            if written is None:
+                parsed = self._parse(batch_type, body, audit)
+                audit.rejected = len(parsed.rejects)
+                audit.rejects = parsed.rejects
+                audit.duration_ms = (time.perf_counter() - started) * 1000
+                with self.admission.slot(owner.customer_id):
+                    written = self._write(parsed, audit, sha)
         except Exception as exc:  # every refusal after the customer is known is audited
             refusal = refusal_for(exc)
             if refusal.status in (413, 429, 503):
@@ -229,15 +235,62 @@ class IngestService:
             self._audit_refusal(audit, refusal, started)  # the handler logs what is unexpected
             raise
         self._count(audit)
-        body: dict[str, Any] = {
+        answer: dict[str, Any] = {
             "accepted": audit.accepted,
             "duplicates": audit.duplicates,
             "rejected": audit.rejected,
             "errors": [{"index": r.index, "reason": r.reason} for r in audit.rejects],
         }
-        if parsed.batch_type is BatchType.DIGESTS:
-            body["differ"] = written.differ  # the device-days whose digests differ
-        return IngestResponse(200, body)
+        if batch_type is BatchType.DIGESTS:
+            answer["differ"] = written.differ  # the device-days whose digests differ
+        return IngestResponse(200, answer)
+
+    def _write_while_parsing(
+        self, batch_type: BatchType, body: bytes, audit: AuditRecord, customer_id: str, sha: bytes, started: float
+    ) -> WriteOutcome | None:
+        """A large batch of valid measurements written while it is parsed: cut into
+        parts at item boundaries (``part_cuts``), each part's rows sent to the database
+        as soon as it is validated, so the server inserts one part while the next is
+        parsed (``IngestStore.write_parts``). None, with nothing written, when the body
+        is not one that can be cut safely, when a part holds anything but valid items,
+        or when the database refuses the rows: the batch is then taken whole, item by
+        item where needed, as any other."""
+        if batch_type is not BatchType.MEASUREMENTS or json_values(body) > WHOLE_BODY_VALUES:
+            return None
+        cuts = part_cuts(body, PART_BYTES)
+        if not cuts:
+            return None
+        with self.admission.slot(customer_id):
+            try:
+                return self.connections.run(
+                    lambda conn: self.store.write_parts(conn, audit, self._valid_parts(body, cuts, audit, started), sha)
+                )
+            except _NotAllValid:
+                return None
+            except (DatabaseBusy, DatabaseUnavailable):
+                raise
+            except Exception as exc:  # noqa: BLE001 - the whole path finds the items to blame
+                logger.info("a batch in parts was refused; taking it whole", extra={"error": describe(exc)})
+                return None
+
+    def _valid_parts(
+        self, body: bytes, cuts: list[int], audit: AuditRecord, started: float
+    ) -> Iterator[list[Measurement]]:
+        """The parts' items, each part validated as the whole body would be; raises
+        _NotAllValid at the first part with anything the whole path must look at."""
+        envelope = self._envelopes[BatchType.MEASUREMENTS]
+        limit = datetime.now(UTC) + timedelta(seconds=self.cfg.max_future_seconds)
+        count = 0
+        for part in envelopes(body, cuts):
+            try:
+                items: list[Measurement] = envelope.validate_json(part)["items"]
+            except ValidationError:
+                raise _NotAllValid from None
+            count += len(items)
+            if count > self.cfg.max_items or _in_utc(items) or max(m["time"] for m in items) > limit:
+                raise _NotAllValid
+            yield items
+        audit.duration_ms = (time.perf_counter() - started) * 1000
 
     def _write(self, parsed: _Parsed, audit: AuditRecord, sha: bytes) -> WriteOutcome:
         """The batch in one transaction; when the database refuses it for something
@@ -300,7 +353,8 @@ class IngestService:
         )
 
     # -- request parsing --------------------------------------------------------
-    def _parse(self, request: IngestRequest, audit: AuditRecord) -> _Parsed:
+    def _body(self, request: IngestRequest, audit: AuditRecord) -> tuple[BatchType, bytes]:
+        """The batch type and the decompressed body, the headers and sizes checked."""
         headers = request.headers
         try:
             batch_type = BatchType(headers.get("x-batch-type", ""))
@@ -316,8 +370,10 @@ class IngestService:
         if len(raw) > self.cfg.max_body_bytes:
             raise PayloadTooLarge(f"body is over {self.cfg.max_body_bytes} bytes")
         body = self._decode(raw, headers.get("content-encoding"))
-        del raw
         audit.decompressed_bytes = len(body)
+        return batch_type, body
+
+    def _parse(self, batch_type: BatchType, body: bytes, audit: AuditRecord) -> _Parsed:
         whole = json_values(body) <= WHOLE_BODY_VALUES
         # Fast path: the whole batch is valid; parsed and validated in one pass. Not for
         # a body with an escaped NUL (see _envelope_validator). A backslash is looked
@@ -594,6 +650,48 @@ def _unique(batch_type: BatchType, models: list[Any], positions: list[int]) -> t
         latest.pop(key, None)  # re-inserted: the dict keeps the order of the last
         latest[key] = (item, position)
     return [m for m, _ in latest.values()], [p for _, p in latest.values()]
+
+
+class _NotAllValid(Exception):
+    """A part of a batch in parts holds something only the whole body's parse judges."""
+
+
+_PREFIX = b'{"items":['
+
+
+def part_cuts(body: bytes, part_bytes: int) -> list[int] | None:
+    """Where a body may be cut into envelopes of its own, about ``part_bytes`` apart:
+    the offsets of the ``}`` of ``},{`` sequences, or None.
+
+    Only for a body in the form the push sends (``{"items":[`` first, ``]}`` last, the
+    key ``"items"`` once, no backslash, so no escaped key and no string holds a quote).
+    A cut inside a string leaves the part before it with an unterminated string, and
+    one inside a nested value leaves brackets unbalanced or a key the envelope
+    forbids: such a part fails its validation and the body is taken whole. So when
+    every part validates, they hold exactly the items of the whole, in order."""
+    if (
+        len(body) < 2 * part_bytes
+        or not body.startswith(_PREFIX)
+        or not body.endswith(b"]}")
+        or b"\\" in body
+        or body.find(b'"items"', len(_PREFIX)) != -1
+    ):
+        return None
+    cuts: list[int] = []
+    at = part_bytes
+    while at <= len(body) - part_bytes // 2 and (cut := body.find(b"},{", at)) != -1:
+        cuts.append(cut)
+        at = cut + part_bytes
+    return cuts or None
+
+
+def envelopes(body: bytes, cuts: list[int]) -> Iterator[bytes]:
+    """The parts of ``body`` cut at ``cuts`` (``part_cuts``), each ``{"items":[...]}``."""
+    start = len(_PREFIX)
+    for cut in cuts:
+        yield _PREFIX + body[start : cut + 1] + b"]}"
+        start = cut + 2
+    yield _PREFIX + body[start:]
 
 
 class _AsSent:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -110,6 +110,18 @@ class WriteOutcome:
     max_time: datetime | None = None
     differ: list[dict[str, Any]] = field(default_factory=list)  # digests: the device-days that differ
 
+    def plus(self, other: WriteOutcome) -> WriteOutcome:
+        """Both outcomes as one: counts added, the time range spanning both."""
+        times_min = [t for t in (self.min_time, other.min_time) if t is not None]
+        times_max = [t for t in (self.max_time, other.max_time) if t is not None]
+        return WriteOutcome(
+            self.accepted + other.accepted,
+            self.duplicates + other.duplicates,
+            min(times_min, default=None),
+            max(times_max, default=None),
+            [*self.differ, *other.differ],
+        )
+
 
 def find_token_owner(conn: psycopg.Connection, token_sha256: bytes) -> TokenOwner | None:
     """The customer of a live token (not revoked, not expired), by its hash."""
@@ -181,6 +193,33 @@ class IngestStore:
             self._close_batch(conn, audit, token_sha256)
         return outcome
 
+    def write_parts(
+        self,
+        conn: psycopg.Connection,
+        audit: AuditRecord,
+        parts: Iterable[Sequence[Measurement]],
+        token_sha256: bytes,
+    ) -> WriteOutcome:
+        """Measurements whose every item is valid, in one transaction as ``write_batch``
+        writes them, handed over in parts: each part's insert is sent to the server as
+        soon as the part is parsed, and the server inserts it while the next part is
+        parsed. ``parts`` is consumed inside the transaction; whatever it raises rolls
+        the transaction back and reaches the caller."""
+        with conn.pipeline(), conn.transaction():
+            _timeouts(conn, self.statement_timeout_ms)
+            sent = [(len(part), self._send_measurements(conn, audit.customer_id, part)) for part in parts]
+            total = WriteOutcome(0, 0)
+            for count, cursor in sent:
+                total = total.plus(_inserted(cursor, count))
+            if total.accepted and not self.has_rollup(conn):
+                assert total.min_time is not None and total.max_time is not None
+                self._queue_stale_range(conn, total.min_time, total.max_time)
+            audit.accepted = total.accepted
+            audit.duplicates = total.duplicates
+            audit.min_time, audit.max_time = total.min_time, total.max_time
+            self._close_batch(conn, audit, token_sha256)
+        return total
+
     def write_in_parts(
         self,
         conn: psycopg.Connection,
@@ -241,13 +280,7 @@ class IngestStore:
                     mid = (lo + hi) // 2
                     todo += [(mid, hi), (lo, mid)]  # the first half first: items keep their order
                 continue
-            total.accepted += part.accepted
-            total.duplicates += part.duplicates
-            total.differ += part.differ
-            if part.min_time is not None:
-                total.min_time = min(total.min_time or part.min_time, part.min_time)
-            if part.max_time is not None:
-                total.max_time = max(total.max_time or part.max_time, part.max_time)
+            total = total.plus(part)
         failed.sort()
         return total
 
@@ -284,7 +317,17 @@ class IngestStore:
         """One call of fleet.insert_measurements (sql/admin/005_*, 007_*): columns as arrays."""
         if not items:
             return WriteOutcome(0, 0)
-        row = conn.execute(
+        outcome = _inserted(self._send_measurements(conn, customer_id, items), len(items))
+        if outcome.accepted and not self.has_rollup(conn):
+            assert outcome.min_time is not None and outcome.max_time is not None
+            self._queue_stale_range(conn, outcome.min_time, outcome.max_time)
+        return outcome
+
+    def _send_measurements(
+        self, conn: psycopg.Connection, customer_id: str, items: Sequence[Measurement]
+    ) -> psycopg.Cursor[Any]:
+        """The call, sent; its row (accepted, min_time, max_time) is read by ``_inserted``."""
+        return conn.execute(
             "SELECT accepted, min_time, max_time FROM fleet.insert_measurements("
             "%s, %b::timestamptz[], %b::text[], %b::float8[], %b::float8[], %b::float8[], %b::float8[],"
             " %b::float8[], %b::float8[])",
@@ -294,12 +337,7 @@ class IngestStore:
                 TextArray.of([m["device_id"] for m in items]),
                 *(Float8Array.of([m.get(name) for m in items]) for name in MEASUREMENT_FIELDS),  # type: ignore[misc]
             ),
-        ).fetchone()
-        assert row is not None
-        accepted, min_time, max_time = int(row[0]), row[1], row[2]
-        if accepted and not self.has_rollup(conn):
-            self._queue_stale_range(conn, min_time, max_time)
-        return WriteOutcome(accepted, len(items) - accepted, min_time, max_time)
+        )
 
     def _queue_stale_range(self, conn: psycopg.Connection, min_time: datetime, max_time: datetime) -> None:
         # TimescaleDB: rows older than the refresh policy's window are never
@@ -317,6 +355,13 @@ class IngestStore:
         with conn.transaction():
             _timeouts(conn, self.statement_timeout_ms)
             _insert_audit(conn, audit)
+
+
+def _inserted(cursor: psycopg.Cursor[Any], count: int) -> WriteOutcome:
+    row = cursor.fetchone()
+    assert row is not None
+    accepted = int(row[0])
+    return WriteOutcome(accepted, count - accepted, row[1], row[2])
 
 
 def _raise_unless_the_data(conn: psycopg.Connection, exc: Exception) -> None:
