@@ -284,14 +284,22 @@ def test_parts_that_all_validate_hold_exactly_the_items_of_the_whole(items: list
     assert got == _ENVELOPE.validate_json(body)["items"]
 
 
+def test_the_push_form_is_cut_between_items() -> None:
+    body = b'{"items":[{"a":1},{"a":2},{"a":3}]}'
+    cuts = part_cuts(body, 8)
+    assert cuts == [16, 24]
+    assert list(envelopes(body, cuts)) == [b'{"items":[{"a":1}]}', b'{"items":[{"a":2}]}', b'{"items":[{"a":3}]}']
+
+
 @pytest.mark.parametrize(
     "body",
     [
-        b'{"items": [{"a":1},{"a":2}]}',  # not the push's form
+        b'{"items": [{"a":1},{"a":2},{"a":3}]}',  # not the push's form
         b'{"items":[{"a":1},{"a":2}],"items":[{"a":3}]}',  # a second "items" key
-        b'{"items":[{"a":"\\u0069"},{"a":2}]}',  # an escape
-        b'{"items":[{"a":1},{"a":2}]} ',  # not ending with ]}
+        b'{"items":[{"a":"\\u0069"},{"a":2},{"a":3}]}',  # an escape
+        b'{"items":[{"a":1},{"a":2},{"a":3}]} ',  # not ending with ]}
+        b'{"items":[{"a":1},{"a":"' + b"x" * 40 + b'"},{"a":3}]}',  # a part over twice the size
     ],
 )
 def test_bodies_not_in_the_push_form_are_never_cut(body: bytes) -> None:
-    assert part_cuts(body, 1) is None
+    assert part_cuts(body, 8) is None

@@ -70,7 +70,8 @@ _QUARANTINE_BODY_EXCERPT = 65_536
 # keeps a parse under ~55 MB; nesting is bounded by pydantic-core's recursion limit.
 WHOLE_BODY_VALUES = 500_000
 # A measurements body at least twice this size is written while it is parsed, in parts
-# of about this many bytes (IngestService._write_while_parsing).
+# of about this many bytes (IngestService._write_while_parsing); well under the bytes
+# that bound WHOLE_BODY_VALUES (two a value at least).
 PART_BYTES = 262_144
 _ONE = {bt: TypeAdapter(model) for bt, model in ITEM_MODELS.items()}
 
@@ -255,7 +256,7 @@ class IngestService:
         is not one that can be cut safely, when a part holds anything but valid items,
         or when the database refuses the rows: the batch is then taken whole, item by
         item where needed, as any other."""
-        if batch_type is not BatchType.MEASUREMENTS or json_values(body) > WHOLE_BODY_VALUES:
+        if batch_type is not BatchType.MEASUREMENTS:
             return None
         cuts = part_cuts(body, PART_BYTES)
         if not cuts:
@@ -682,7 +683,12 @@ def part_cuts(body: bytes, part_bytes: int) -> list[int] | None:
     while at <= len(body) - part_bytes // 2 and (cut := body.find(b"},{", at)) != -1:
         cuts.append(cut)
         at = cut + part_bytes
-    return cuts or None
+    # No part over twice the size: what a part's parse builds stays bounded as a whole
+    # body's is (WHOLE_BODY_VALUES), without counting the values.
+    ends = [0, *cuts, len(body)]
+    if not cuts or max(b - a for a, b in zip(ends, ends[1:], strict=False)) > 2 * part_bytes:
+        return None
+    return cuts
 
 
 def envelopes(body: bytes, cuts: list[int]) -> Iterator[bytes]:
