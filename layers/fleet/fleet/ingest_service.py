@@ -16,6 +16,7 @@ the size limits is handled within the function's memory (bench/memory.py).
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 import time
@@ -686,7 +687,7 @@ def part_cuts(body: bytes, part_bytes: int) -> list[int] | None:
     # No part over twice the size: what a part's parse builds stays bounded as a whole
     # body's is (WHOLE_BODY_VALUES), without counting the values.
     ends = [0, *cuts, len(body)]
-    if not cuts or max(b - a for a, b in zip(ends, ends[1:], strict=False)) > 2 * part_bytes:
+    if not cuts or max(b - a for a, b in itertools.pairwise(ends)) > 2 * part_bytes:
         return None
     return cuts
 
