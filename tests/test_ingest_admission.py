@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from fleet import customers, db
-from fleet.errors import TooManyRequests
-from fleet.ingest_admission import Admission
+from fleet.errors import Overloaded
+from fleet.ingest.admission import Admission
 from test_ingest import IngestClient, _client
 
 
@@ -35,7 +35,7 @@ def test_a_customer_past_its_batches_in_flight_gets_429_and_the_others_do_not(ad
     _customers(admin_db, "A", "B")
     admission = _admission(admin_db, per_customer=2, total=10)
     with admission.slot("A"), admission.slot("A"):
-        with pytest.raises(TooManyRequests) as refused, admission.slot("A"):
+        with pytest.raises(Overloaded) as refused, admission.slot("A"):
             pass
         assert refused.value.retry_after == 1
         with admission.slot("B"):  # another customer is not held up by A
@@ -53,16 +53,16 @@ def test_the_total_keeps_room_for_customers_sending_live_data(admin_db: str) -> 
         slot.__enter__()
     try:
         # C0 has batches in flight, and the server its total.
-        with pytest.raises(TooManyRequests), admission.slot("C0"):
+        with pytest.raises(Overloaded), admission.slot("C0"):
             pass
         # C2 was admitted nothing lately (live data): the room kept, which is one batch.
-        with admission.slot("C2"), pytest.raises(TooManyRequests), admission.slot("C3"):
+        with admission.slot("C2"), pytest.raises(Overloaded), admission.slot("C3"):
             pass
         # C4 has nothing in flight but was admitted a moment ago (a backfill between
         # two batches): no room kept for it.
         with admission.slot("C4"):
             pass
-        with pytest.raises(TooManyRequests), admission.slot("C4"):
+        with pytest.raises(Overloaded), admission.slot("C4"):
             pass
     finally:
         for slot in held:
@@ -74,7 +74,7 @@ def test_a_ticket_never_handed_back_ends_with_its_lease(admin_db: str) -> None:
     admission = _admission(admin_db, per_customer=1, total=10, lease_ms=300)
     abandoned = admission.slot("A")
     abandoned.__enter__()  # a crashed invocation never hands it back
-    with pytest.raises(TooManyRequests), admission.slot("A"):
+    with pytest.raises(Overloaded), admission.slot("A"):
         pass
     time.sleep(0.4)
     with admission.slot("A"):

@@ -18,10 +18,11 @@ from typing import Any
 import ingest
 import psycopg
 import pytest
-from fleet import ingest_service
-from fleet.errors import TooManyRequests
-from fleet.ingest_service import IngestRequest, envelopes, part_cuts
-from fleet.ingest_store import IngestStore
+from fleet.errors import Overloaded
+from fleet.ingest import service as ingest_service
+from fleet.ingest.codec import envelope_validator, envelopes, part_cuts
+from fleet.ingest.service import IngestRequest
+from fleet.ingest.store import IngestStore
 from fleet.models import BatchType
 from hourly_reference import hourly
 from hypothesis import given, settings
@@ -236,7 +237,7 @@ def test_concurrent_batches_in_parts_of_one_customer_all_land(
             try:
                 answers[k] = service.ingest(IngestRequest(headers, bodies[k]))
                 return
-            except TooManyRequests:  # retried after a moment, as the push does
+            except Overloaded:  # retried after a moment, as the push does
                 time.sleep(0.02)
 
     threads = [threading.Thread(target=post, args=(k,)) for k in range(4)]
@@ -253,7 +254,7 @@ def test_concurrent_batches_in_parts_of_one_customer_all_land(
 
 # --- the cuts themselves, without a database ----------------------------------------
 
-_ENVELOPE = ingest_service._envelope_validator(BatchType.MEASUREMENTS, 10_000)
+_ENVELOPE = envelope_validator(BatchType.MEASUREMENTS, 10_000)
 
 _TEXT = st.lists(
     st.sampled_from(['"', "\\", "}", "{", ",", "[", "]", ":", "a", '"items"', "items", " "]), max_size=8

@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import psycopg
-from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
+from fleet.ingest.arrays import Float8Array, TextArray, TimestamptzArray
 
 
 def _read(pg_server: Any, query: str, value: bytes) -> list[object]:

@@ -255,7 +255,7 @@ def test_sites_the_store_refuses_are_rejected_and_the_rest_upserted(api: IngestC
 def test_a_python_error_while_storing_an_item_rejects_that_item(
     api: IngestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleet import ingest_store
+    from fleet.ingest import store as ingest_store
 
     real = ingest_store.TextArray.of
 
@@ -274,12 +274,12 @@ def test_a_python_error_while_storing_an_item_rejects_that_item(
 def test_an_unexpected_error_while_reading_a_body_is_a_final_audited_400(
     api: IngestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleet.ingest_service import IngestService
+    from fleet.ingest.parse import BodyParser
 
     def broken(*_: Any) -> Any:
         raise ZeroDivisionError("injected")
 
-    monkeypatch.setattr(IngestService, "_finish", broken)
+    monkeypatch.setattr(BodyParser, "_finish", broken)
     answer = api.post("measurements", good(2))
     assert answer.status == 400
     assert "retry" not in answer.body["message"]
@@ -304,9 +304,9 @@ def test_an_item_nested_deeper_than_any_parser_goes_is_rejected_alone(api: Inges
 
 
 def test_an_item_over_the_value_bound_is_rejected_unparsed(api: IngestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleet import ingest_service
+    from fleet.ingest import parse
 
-    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 1_000)
+    monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", 1_000)
     big = {"time": NOW.isoformat(), "device_id": "big", "x": [0] * 2_000}
     items = [*good(2), big, *good(3, device="after")]
     answer = api.post("measurements", items)
@@ -319,9 +319,9 @@ def test_an_item_over_the_value_bound_is_rejected_unparsed(api: IngestClient, mo
 def test_the_item_limit_holds_when_items_are_split_from_the_bytes(
     api: IngestClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleet import ingest_service
+    from fleet.ingest import parse
 
-    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 10)
+    monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", 10)
     assert api.post("measurements", good(501)).status == 413
     assert api.post("measurements", good(500)).body["accepted"] == 500
 
@@ -333,10 +333,10 @@ def test_the_item_limit_holds_when_items_are_split_from_the_bytes(
 def test_the_split_envelope_is_judged_as_the_whole_one(
     api: IngestClient, monkeypatch: pytest.MonkeyPatch, body: str
 ) -> None:
-    from fleet import ingest_service
+    from fleet.ingest import parse
 
     whole = post_raw(api, body, {"x-batch-type": "measurements"})
-    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 3)  # every body here is over it
+    monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", 3)  # every body here is over it
     split = post_raw(api, body, {"x-batch-type": "measurements"})
     assert whole.status == split.status == 400
     assert [r[0] for r in audit(api)] == [400, 400]
@@ -380,7 +380,7 @@ def test_any_header_value_gets_a_final_answer_and_an_audit_row(api: IngestClient
     ],
 )
 def test_database_errors_are_answered_by_their_sqlstate(admin_db_postgres: str, sqlstate: str, status: int) -> None:
-    from fleet.ingest_service import refusal_for
+    from fleet.ingest.http import refusal_for
 
     with psycopg.connect(admin_db_postgres) as conn, pytest.raises(psycopg.Error) as raised:
         conn.execute(f"DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$")
@@ -389,7 +389,7 @@ def test_database_errors_are_answered_by_their_sqlstate(admin_db_postgres: str, 
 
 
 def test_a_statement_timeout_is_busy(admin_db_postgres: str) -> None:
-    from fleet.ingest_service import refusal_for
+    from fleet.ingest.http import refusal_for
 
     with psycopg.connect(admin_db_postgres) as conn:
         conn.execute("SET statement_timeout = '50ms'")
@@ -402,7 +402,7 @@ def test_a_statement_timeout_is_busy(admin_db_postgres: str) -> None:
 def test_a_batch_with_too_many_refused_items_is_413_and_smaller_batches_land(
     api: IngestClient, poison_trigger: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fleet import ingest_store
+    from fleet.ingest import store as ingest_store
 
     monkeypatch.setattr(ingest_store, "MAX_PART_ATTEMPTS", 40)
     items = good(64)
@@ -422,9 +422,9 @@ def test_a_batch_with_too_many_refused_items_is_413_and_smaller_batches_land(
 
 
 def test_a_body_over_the_bound_that_is_not_utf8_is_400(api: IngestClient, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fleet import ingest_service
+    from fleet.ingest import parse
 
-    monkeypatch.setattr(ingest_service, "WHOLE_BODY_VALUES", 3)
+    monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", 3)
     body = json.dumps({"items": good(2)}).encode()[:-3] + b'"\xff"]}'
     answer = post_raw(api, body, {"x-batch-type": "measurements"})
     assert answer.status == 400 and "UTF-8" in answer.body["message"]
@@ -451,13 +451,13 @@ _json_value = st.recursive(
 def test_items_split_from_the_bytes_are_the_items_json_reads(
     items: list[Any], others: dict[str, Any], indent: int | None, first: bool
 ) -> None:
-    from fleet.errors import BadRequest
-    from fleet.ingest_service import item_spans
+    from fleet.errors import InvalidRequest
+    from fleet.ingest.spans import item_spans
 
     doc = {"items": items, **others} if first else {**others, "items": items}
     body = json.dumps(doc, indent=indent).encode()
     if others:
-        with pytest.raises(BadRequest, match="unknown top-level keys"):
+        with pytest.raises(InvalidRequest, match="unknown top-level keys"):
             item_spans(body, 100)
         return
     spans = item_spans(body, 100)

@@ -16,7 +16,8 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleet import config, db
 from fleet.db import describe
 from fleet.errors import RequestRefused
-from fleet.ingest_service import IngestRequest, IngestService, refusal_for
+from fleet.ingest.http import refusal_for
+from fleet.ingest.service import IngestRequest, IngestService
 from fleet.observability import logger, metrics, tracer
 
 app = APIGatewayHttpResolver()
@@ -26,7 +27,7 @@ app = APIGatewayHttpResolver()
 def service() -> IngestService:
     cfg = config.cached(config.IngestConfig)
     holder = db.ConnectionHolder(lambda: db.resolve_conninfo(cfg.database_url, cfg.db_secret_arn))
-    return IngestService(cfg, holder)
+    return IngestService(cfg, holder, refusal_for)
 
 
 def _headers() -> dict[str, str]:

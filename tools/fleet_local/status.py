@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from fleet import reconcile_store
+from fleet.ingest import digests
 from fleet.profiles import FailedJob, failed_jobs
 
 # Per customer, from the audit trail (indexed by customer and time) rather than a
@@ -35,7 +35,7 @@ ORDER BY c.id
 def fleet_status(conn: psycopg.Connection) -> list[dict[str, Any]]:
     keys = ("id", "name", "status", "last_seen_at", "rows_1h", "rows_1d", "late_1d", "refused_1d", "newest")
     rows = [dict(zip(keys, row, strict=True)) for row in conn.execute(_QUERY)]
-    reconcile_store.add_verification(conn, rows)  # "verified through", open mismatches
+    digests.add_verification(conn, rows)  # "verified through", open mismatches
     return rows
 
 
@@ -73,7 +73,7 @@ def render(rows: list[dict[str, Any]], now: datetime, failed: list[FailedJob] | 
         )
     if not rows:
         lines.append("(no customers yet: fleet customers create ID --name NAME)")
-    lines.extend(reconcile_store.verification_lines(rows))
+    lines.extend(digests.verification_lines(rows))
     if failed:
         lines.append("")
         lines.append(f"background jobs whose last run failed: {len(failed)}")

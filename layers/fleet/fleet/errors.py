@@ -52,39 +52,47 @@ class CustomerExists(CustomerError):
 
 
 class RequestRefused(FleetError):
-    """An HTTP request answered with a 4xx/5xx status by design."""
-
-    status = 400
+    """A request refused by design, with what the caller is told. How it is answered
+    is the door's to say (for the ingest: the table in fleet.ingest.http)."""
 
     def __init__(self, message: str, retry_after: int | None = None) -> None:
         super().__init__(message)
         self.message = message
-        self.retry_after = retry_after
+        self.retry_after = retry_after  # seconds after which the same request may succeed
 
 
-class BadRequest(RequestRefused):
-    status = 400
+class InvalidRequest(RequestRefused):
+    """The headers or the body break the contract: final, the same request fails again."""
 
 
-class Unauthorized(RequestRefused):
-    status = 401
+class BodyRefused(InvalidRequest):
+    """The body as a whole is refused; ``text`` is what the operator keeps of it."""
+
+    def __init__(self, message: str, reason: str, text: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.text = text
 
 
-class Forbidden(RequestRefused):
-    status = 403
+class NotAuthenticated(RequestRefused):
+    """No token, or one that is unknown, expired or revoked."""
 
 
-class PayloadTooLarge(RequestRefused):
-    status = 413
+class CustomerDisabled(RequestRefused):
+    """The token's customer is disabled."""
 
 
-class UnsupportedMediaType(RequestRefused):
-    status = 415
+class BatchTooLarge(RequestRefused):
+    """Over a size or item limit: the client sends the batch again, smaller."""
 
 
-class TooManyRequests(RequestRefused):
-    status = 429
+class UnsupportedFormat(RequestRefused):
+    """A content type or encoding the contract does not know."""
 
 
-class ServiceUnavailable(RequestRefused):
-    status = 503
+class Overloaded(RequestRefused):
+    """Too many batches in flight: the same batch is welcome after ``retry_after``."""
+
+
+class RetryLater(RequestRefused):
+    """The request could not be carried out now, through no fault of its own."""

@@ -17,7 +17,7 @@ from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, with_conf
 
 # Text PostgreSQL can store: no NUL. In JSON a NUL can only be written as the escape
 # \u0000 (a raw control character is invalid JSON), which the whole-batch validation
-# relies on (ingest_service._envelope_validator).
+# relies on (fleet.ingest.codec.envelope_validator).
 NO_NUL = r"^[^\x00]+$"
 NO_NUL_OR_EMPTY = r"^[^\x00]*$"
 NUL_PATTERNS = (NO_NUL, NO_NUL_OR_EMPTY)

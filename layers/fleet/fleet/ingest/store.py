@@ -2,125 +2,30 @@
 the quarantine and the ledger. Every statement is parameterised; rows travel as
 arrays through ``unnest`` (one round trip per batch, no server-side prepared
 statements, no temporary tables: nothing that pins an RDS Proxy session). Arrays go in
-binary format (fleet.pgarrays for the measurements' columns), which PostgreSQL reads
+binary format (fleet.ingest.arrays for the measurements' columns), which PostgreSQL reads
 without parsing: faster, by the benchmark, than text arrays or handing it the JSON.
 """
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
 from fleet.db import classify
-from fleet.errors import DatabaseUnavailable, PayloadTooLarge
+from fleet.errors import BatchTooLarge, DatabaseUnavailable
+from fleet.ingest.arrays import Float8Array, TextArray, TimestamptzArray
+from fleet.ingest.descriptions import upsert_devices, upsert_sites
+from fleet.ingest.digests import compare_digests
+from fleet.ingest.records import AuditRecord, TokenOwner, WriteOutcome, recovered, storable
 from fleet.models import MEASUREMENT_FIELDS, BatchType, Device, Measurement, Site
-from fleet.pgarrays import Float8Array, TextArray, TimestamptzArray
-from fleet.reconcile_store import compare_digests
 
-# What PostgreSQL's text cannot hold: NUL, and UTF-16 surrogates (a JSON escape such
-# as \ud800 decodes to one, alone, and UTF-8 cannot encode it).
-_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
-_MAX_AUDIT_TEXT = 16_384
 # Halving costs about 2k log2(n) statements for k refused items of n; past this many
 # the request is answered 413 (the client halves its batch, and each half is cheaper
 # to search) rather than running into the function's timeout.
 MAX_PART_ATTEMPTS = 512  # a header value; API Gateway refuses larger headers anyway
-
-
-def storable(text: str | None, limit: int | None = _MAX_AUDIT_TEXT) -> str | None:
-    """Text as it can go into a text column, the original recoverable.
-
-    Text PostgreSQL can store is kept as it is. Text it cannot (a NUL, a lone
-    surrogate), and text that starts with a double quote, is kept as its JSON string
-    literal in ASCII: ``json.loads`` of a stored value that starts with ``"`` gives the
-    original back (``recovered``). Text over ``limit`` characters is cut there and the
-    number of characters left out is said after the literal."""
-    if text is None:
-        return None
-    cut = 0
-    if limit is not None and len(text) > limit:
-        text, cut = text[:limit], len(text) - limit
-    # ASCII holds no surrogate, and a NUL is found by memchr: a 16 MB item in 5 ms.
-    fine = "\x00" not in text if text.isascii() else not _UNSTORABLE.search(text)
-    if not cut and not text.startswith('"') and fine:
-        return text
-    literal = json.dumps(text, ensure_ascii=True)
-    return f"{literal} ({cut} more characters)" if cut else literal
-
-
-def recovered(stored: str | None) -> str | None:
-    """The original of a value ``storable`` kept (whole, when it was not cut)."""
-    if stored is None or not stored.startswith('"'):
-        return stored
-    try:
-        value = json.loads(stored)
-    except ValueError:
-        return stored  # cut: the literal is followed by the count of what was left out
-    return value if isinstance(value, str) else stored
-
-
-@dataclass(frozen=True)
-class TokenOwner:
-    customer_id: str
-    status: str
-
-    @property
-    def active(self) -> bool:
-        return self.status == "active"
-
-
-@dataclass
-class Reject:
-    index: int | None
-    reason: str
-    payload: str
-
-
-@dataclass
-class AuditRecord:
-    customer_id: str
-    batch_type: str | None
-    batch_id: uuid.UUID | None
-    client_cursor: str | None
-    status: int
-    bytes: int
-    decompressed_bytes: int | None = None
-    accepted: int = 0
-    duplicates: int = 0
-    rejected: int = 0
-    min_time: datetime | None = None
-    max_time: datetime | None = None
-    duration_ms: float | None = None
-    error: str | None = None
-    rejects: list[Reject] = field(default_factory=list)
-
-
-@dataclass
-class WriteOutcome:
-    accepted: int
-    duplicates: int
-    min_time: datetime | None = None
-    max_time: datetime | None = None
-    differ: list[dict[str, Any]] = field(default_factory=list)  # digests: the device-days that differ
-
-    def plus(self, other: WriteOutcome) -> WriteOutcome:
-        """Both outcomes as one: counts added, the time range spanning both."""
-        times_min = [t for t in (self.min_time, other.min_time) if t is not None]
-        times_max = [t for t in (self.max_time, other.max_time) if t is not None]
-        return WriteOutcome(
-            self.accepted + other.accepted,
-            self.duplicates + other.duplicates,
-            min(times_min, default=None),
-            max(times_max, default=None),
-            [*self.differ, *other.differ],
-        )
 
 
 def find_token_owner(conn: psycopg.Connection, token_sha256: bytes) -> TokenOwner | None:
@@ -265,7 +170,7 @@ class IngestStore:
             lo, hi = todo.pop()
             attempts += 1
             if attempts > MAX_PART_ATTEMPTS:
-                raise PayloadTooLarge(
+                raise BatchTooLarge(
                     f"the database refused more items of this batch than it can look for in one request;"
                     f" send it in smaller batches ({len(failed)} refused in the first part)"
                 )
@@ -297,8 +202,8 @@ class IngestStore:
             compared = compare_digests(conn, customer_id, items)
             return WriteOutcome(compared.compared, 0, differ=compared.differ)
         if batch_type is BatchType.SITES:
-            return WriteOutcome(*_upsert_sites(conn, customer_id, items))  # type: ignore[arg-type]
-        return WriteOutcome(*_upsert_devices(conn, customer_id, items))  # type: ignore[arg-type]
+            return WriteOutcome(*upsert_sites(conn, customer_id, items))  # type: ignore[arg-type]
+        return WriteOutcome(*upsert_devices(conn, customer_id, items))  # type: ignore[arg-type]
 
     def _close_batch(self, conn: psycopg.Connection, audit: AuditRecord, token_sha256: bytes) -> None:
         _insert_audit(conn, audit)
@@ -422,78 +327,6 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
     return event_id
 
 
-def _upsert_sites(conn: psycopg.Connection, customer_id: str, items: Sequence[Site]) -> tuple[int, int]:
-    if not items:
-        return 0, 0
-    rows = sorted(items, key=lambda s: s["id"])
-    row = conn.execute(
-        """
-        WITH up AS (
-            INSERT INTO fleet.sites AS s (customer_id, id, name, timezone, latitude, longitude, updated_at)
-            SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::float8[], %b::float8[],
-                                     %b::timestamptz[])
-            ON CONFLICT (customer_id, id) DO UPDATE SET
-                name = excluded.name, timezone = excluded.timezone, latitude = excluded.latitude,
-                longitude = excluded.longitude, updated_at = excluded.updated_at, received_at = now()
-            WHERE (s.name, s.timezone, s.latitude, s.longitude, s.updated_at)
-                  IS DISTINCT FROM (excluded.name, excluded.timezone, excluded.latitude,
-                                    excluded.longitude, excluded.updated_at)
-              -- an older version re-delivered late never overwrites a newer one
-              AND (s.updated_at IS NULL OR excluded.updated_at IS NULL OR excluded.updated_at >= s.updated_at)
-            RETURNING 1
-        )
-        SELECT count(*) FROM up
-        """,
-        (
-            customer_id,
-            [s["id"] for s in rows],
-            [s["name"] for s in rows],
-            [s.get("timezone") for s in rows],
-            [s.get("latitude") for s in rows],
-            [s.get("longitude") for s in rows],
-            [s.get("updated_at") for s in rows],
-        ),
-    ).fetchone()
-    accepted = int(row[0]) if row else 0
-    return accepted, len(rows) - accepted
-
-
-def _upsert_devices(conn: psycopg.Connection, customer_id: str, items: Sequence[Device]) -> tuple[int, int]:
-    if not items:
-        return 0, 0
-    rows = sorted(items, key=lambda d: d["id"])
-    row = conn.execute(
-        """
-        WITH up AS (
-            INSERT INTO fleet.devices AS d (customer_id, id, site_id, name, model, firmware_version, updated_at)
-            SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
-                                     %b::timestamptz[])
-            ON CONFLICT (customer_id, id) DO UPDATE SET
-                site_id = excluded.site_id, name = excluded.name, model = excluded.model,
-                firmware_version = excluded.firmware_version, updated_at = excluded.updated_at,
-                received_at = now()
-            WHERE (d.site_id, d.name, d.model, d.firmware_version, d.updated_at)
-                  IS DISTINCT FROM (excluded.site_id, excluded.name, excluded.model,
-                                    excluded.firmware_version, excluded.updated_at)
-              AND (d.updated_at IS NULL OR excluded.updated_at IS NULL OR excluded.updated_at >= d.updated_at)
-            RETURNING 1
-        )
-        SELECT count(*) FROM up
-        """,
-        (
-            customer_id,
-            [d["id"] for d in rows],
-            [d["site_id"] for d in rows],
-            [d["name"] for d in rows],
-            [d.get("model") for d in rows],
-            [d.get("firmware_version") for d in rows],
-            [d.get("updated_at") for d in rows],
-        ),
-    ).fetchone()
-    accepted = int(row[0]) if row else 0
-    return accepted, len(rows) - accepted
-
-
 def ledger(conn: psycopg.Connection, customer_id: str) -> dict[str, dict[str, Any]]:
     """Per batch type, the last cursor the server acknowledged for this customer."""
     out: dict[str, dict[str, Any]] = {}
@@ -510,11 +343,3 @@ def ledger(conn: psycopg.Connection, customer_id: str) -> dict[str, dict[str, An
             "acknowledged_at": row[2].isoformat() if row else None,
         }
     return out
-
-
-def payload_text(item: Any) -> str:
-    """The stored form of a rejected item (NaN and Infinity survive as text)."""
-    try:
-        return json.dumps(item, ensure_ascii=True, default=str)
-    except (TypeError, ValueError):
-        return repr(item)

@@ -19,7 +19,7 @@ from datetime import datetime
 import psycopg
 
 from fleet.db import ConnectionHolder
-from fleet.errors import DatabaseBusy, DatabaseUnavailable, TooManyRequests
+from fleet.errors import DatabaseBusy, DatabaseUnavailable, Overloaded
 from fleet.observability import logger, metrics
 
 
@@ -47,7 +47,7 @@ class Admission:
         if ticket is None:
             metrics.add_metric(name="LoadShed", unit="Count", value=1)
             logger.info("batch shed", extra={"customer_id": customer_id})
-            raise TooManyRequests(
+            raise Overloaded(
                 f"too many batches in flight (at most {self.per_customer} per customer); retry later",
                 retry_after=self.retry_after_s,
             )
