@@ -72,7 +72,7 @@ class IngestConfig(DatabaseSettings):
     max_future_seconds: int = Field(86_400, alias="MAX_FUTURE_SECONDS", ge=0)
     statement_timeout_ms: int = Field(20_000, alias="STATEMENT_TIMEOUT_MS", gt=0)
     hourly_refresh_window_days: int = Field(30, alias="HOURLY_REFRESH_WINDOW_DAYS", gt=0)
-    # Load shedding (fleet.ingest_admission): batches in flight per customer and in all.
+    # Load shedding (fleet.ingest.admission): batches in flight per customer and in all.
     max_in_flight_per_customer: int = Field(2, alias="INGEST_MAX_IN_FLIGHT_PER_CUSTOMER", gt=0)
     max_in_flight: int = Field(16, alias="INGEST_MAX_IN_FLIGHT", gt=0)
     shed_retry_after_s: int = Field(1, alias="INGEST_SHED_RETRY_AFTER_S", gt=0)
