@@ -8,11 +8,11 @@ import statistics
 import time
 
 import psycopg
-from fleet import push_source
 from fleet.models import MEASUREMENT_FIELDS
-from fleet.push_service import PushService
-from fleet.push_state import ResourceState
-from fleet.push_transport import Reply
+from fleet.push import source as push_source
+from fleet.push.service import PushService
+from fleet.push.state import ResourceState
+from fleet.push.transport import Reply
 
 from bench.common import database, server, summary
 from bench.ingest_throughput import COLUMNS

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from fleet.push_service import PushService
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push.service import PushService
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ROOT / "events"

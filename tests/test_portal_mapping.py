@@ -29,9 +29,9 @@ from fleet import config, customers
 from fleet.errors import ConfigurationError
 from fleet.migrations import migrate
 from fleet.observability import metrics
-from fleet.push_mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
-from fleet.push_source import MeasurementQueries, PortalSource
-from fleet.push_state import PushStateStore
+from fleet.push.mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
+from fleet.push.source import MeasurementQueries, PortalSource
+from fleet.push.state import PushStateStore
 from fleet_local import cli
 from fleet_local.api import Route, serving
 from moto import mock_aws
@@ -587,7 +587,7 @@ def test_the_check_names_wrong_types_missing_tables_and_nullable_keys(empty_db: 
                 ),
             }
         )
-        from fleet.push_mapping import check
+        from fleet.push.mapping import check
 
         report = check(conn, fixed, ("sites",))
     assert report.errors == []
@@ -690,7 +690,7 @@ def test_the_default_mapping_reads_as_before(client_db: str) -> None:
 
 
 def test_the_functions_read_the_mapping_their_setting_names(aws) -> None:
-    from fleet.push_wiring import build_push_service
+    from fleet.push.wiring import build_push_service
 
     env = {
         "DATABASE_URL": "postgresql://fleet@127.0.0.1:1/portal",

@@ -24,11 +24,13 @@ import ingest
 import psycopg
 import push
 import pytest
-from fleet import config, customers, push_service, push_source
+from fleet import config, customers
 from fleet.observability import metrics
-from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
-from fleet.push_state import LeaseLost, PushStateStore
-from fleet.push_transport import IngestClient, parse_retry_after
+from fleet.push import service as push_service
+from fleet.push import source as push_source
+from fleet.push.service import BACKOFF_CAP_S, Checkpoints, PushService
+from fleet.push.state import LeaseLost, PushStateStore
+from fleet.push.transport import IngestClient, parse_retry_after
 from fleet_local.api import Route, serving
 from moto import mock_aws
 from support import Clock, FakeLambdaContext, load_event, make_push_service, one_at_a_time
@@ -437,7 +439,7 @@ def test_500_backs_off_one_minute_then_doubles_and_keeps_the_cursor(scripted) ->
 
 
 def test_jitter_stays_between_half_and_all_of_the_delay() -> None:
-    from fleet.push_service import backoff_delay
+    from fleet.push.service import backoff_delay
 
     assert backoff_delay(1, lambda: 0.0) == 30
     assert backoff_delay(1, lambda: 1.0) == 60

@@ -13,8 +13,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import push_source
-from fleet.push_source import XID_START, Cursor
+from fleet.push import source as push_source
+from fleet.push.source import XID_START, Cursor
 
 COLUMNS = "time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz"
 

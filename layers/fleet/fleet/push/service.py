@@ -36,12 +36,12 @@ import psycopg
 from fleet import db
 from fleet.errors import FleetError
 from fleet.observability import logger, metrics
-from fleet.push_source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
-from fleet.push_state import RESOURCES, LeaseLost, PushStateStore, ResourceState
-from fleet.push_transport import InFlight, IngestClient, Reply, TransportError, gzip_body
+from fleet.push.source import START, Cursor, MeasurementPage, PortalSource, UnreadableCursor
+from fleet.push.state import RESOURCES, LeaseLost, PushStateStore, ResourceState
+from fleet.push.transport import InFlight, IngestClient, Reply, TransportError, gzip_body
 
 if TYPE_CHECKING:
-    from fleet.push_digests import DigestPush
+    from fleet.push.digests import DigestPush
 
 BACKOFF_BASE_S = 60.0
 BACKOFF_CAP_S = 1800.0

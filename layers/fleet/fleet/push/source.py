@@ -1,5 +1,5 @@
 """Data access for the push: reads the portal's sites, devices and measurements,
-from the tables and columns the source mapping names (fleet.push_mapping; by default
+from the tables and columns the source mapping names (fleet.push.mapping; by default
 the project's own ``monitoring.*``).
 
 The measurement cursor and why it never skips a row
@@ -58,7 +58,7 @@ from psycopg import sql
 from psycopg.types.string import TextLoader
 
 from fleet.models import MEASUREMENT_FIELDS
-from fleet.push_mapping import DEFAULT_MAPPING, FIELDS, Column, ResolvedTable, Resource, SourceMapping, resolve
+from fleet.push.mapping import DEFAULT_MAPPING, FIELDS, Column, ResolvedTable, Resource, SourceMapping, resolve
 
 _MIN_TIME = "-infinity"
 Phase = Literal["legacy", "xid"]

@@ -37,18 +37,18 @@ from psycopg import sql
 
 from fleet.models import MEASUREMENT_FIELDS
 from fleet.observability import logger, metrics
-from fleet.push_mapping import CURSOR_COLUMN, MappingError, ResolvedTable
-from fleet.push_service import ResourceReport, backoff_delay
-from fleet.push_source import Cursor, PortalSource, cursor_key, number_expression
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
+from fleet.push.mapping import CURSOR_COLUMN, MappingError, ResolvedTable
+from fleet.push.service import ResourceReport, backoff_delay
+from fleet.push.source import Cursor, PortalSource, cursor_key, number_expression
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient, Reply, TransportError, gzip_body
 from fleet.reconcile import EMPTY_HASH, HEALABLE, RowColumns, day_bounds, digest_sql, row_hash_sql
 
 RESOURCE = "digests"
 _NAMESPACE = uuid.UUID("0b5d1a52-8a8e-4d0c-9a63-3f0f3b1d2c71")
 _FIRST_DAY, _LAST_DAY = "0001-01-02", "9999-12-30"  # what a date and RFC 3339 both hold
 
-# As the push reads (push_source): times written in UTC and ISO form (the scan's
+# As the push reads (fleet.push.source): times written in UTC and ISO form (the scan's
 # position is read back from its text in another session), and any extra_float_digits
 # above 0 (a ``real`` is read through its text: the digest's value is the one sent).
 _SETTINGS = (
@@ -76,7 +76,7 @@ LEFT JOIN (SELECT d::text AS d, (t AT TIME ZONE 'UTC')::date AS day FROM chunk
 
 class DigestQueries:
     """The digests' statements for the measurements table as the source mapping and
-    the catalogue have it (fleet.push_source.MeasurementQueries is the push's own):
+    the catalogue have it (fleet.push.source.MeasurementQueries is the push's own):
     the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
     id as text, each metric as float8 in the contract's unit, scale applied: the very
     expressions the push sends, so the digest is that of what the ingest stores. A
@@ -104,7 +104,7 @@ class DigestQueries:
                 *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in metrics),
             ]
         )
-        # Rows the measurement cursor has passed (push_source's order: legacy rows
+        # Rows the measurement cursor has passed (fleet.push.source's order: legacy rows
         # first), in two parts, each read by its own partial index on (time, device
         # id): rows from before the cursor column (push_xid NULL: the legacy index)
         # and the others (the day index).
