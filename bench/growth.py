@@ -32,8 +32,9 @@ from fleet import customers
 from fleet.ingest_store import IngestStore
 from fleet.profiles import ProfileSettings
 from fleet.push import source as push_source
-from fleet.push.digests import DigestPush, DigestSettings, DigestState, Key
-from fleet.push.source import Cursor
+from fleet.push.cursor import Cursor
+from fleet.push.digest_state import DigestSettings, DigestState, Key
+from fleet.push.digests import DigestPush
 from fleet.reconcile_store import compare_digests
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary

@@ -30,7 +30,8 @@ from fleet.errors import ConfigurationError
 from fleet.migrations import migrate
 from fleet.observability import metrics
 from fleet.push.mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
-from fleet.push.source import MeasurementQueries, PortalSource
+from fleet.push.queries import MeasurementQueries
+from fleet.push.source import PortalSource
 from fleet.push.state import PushStateStore
 from fleet_local import cli
 from fleet_local.api import Route, serving
@@ -587,7 +588,7 @@ def test_the_check_names_wrong_types_missing_tables_and_nullable_keys(empty_db: 
                 ),
             }
         )
-        from fleet.push.mapping import check
+        from fleet.push.catalogue import check
 
         report = check(conn, fixed, ("sites",))
     assert report.errors == []

@@ -28,7 +28,9 @@ from fleet import config, customers
 from fleet.observability import metrics
 from fleet.push import service as push_service
 from fleet.push import source as push_source
-from fleet.push.service import BACKOFF_CAP_S, Checkpoints, PushService
+from fleet.push.report import Checkpoints
+from fleet.push.responses import BACKOFF_CAP_S
+from fleet.push.service import PushService
 from fleet.push.state import LeaseLost, PushStateStore
 from fleet.push.transport import IngestClient, parse_retry_after
 from fleet_local.api import Route, serving
@@ -439,7 +441,7 @@ def test_500_backs_off_one_minute_then_doubles_and_keeps_the_cursor(scripted) ->
 
 
 def test_jitter_stays_between_half_and_all_of_the_delay() -> None:
-    from fleet.push.service import backoff_delay
+    from fleet.push.responses import backoff_delay
 
     assert backoff_delay(1, lambda: 0.0) == 30
     assert backoff_delay(1, lambda: 1.0) == 60

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from fleet.observability import metrics
-from fleet.push.source import START, XID_START, Cursor, UnreadableCursor
+from fleet.push.cursor import START, XID_START, Cursor, UnreadableCursor
 from support import Clock, make_push_service
 from test_push import Admin, client_rows, drain, insert
 from test_push import admin as admin  # a fixture (the "as" re-exports it)

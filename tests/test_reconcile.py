@@ -25,7 +25,9 @@ from contract import check_response
 from fleet import config, customers
 from fleet.migrations import migrate
 from fleet.push import digests as module
-from fleet.push.digests import DigestPush, DigestQueries, DigestSettings
+from fleet.push.digest_queries import DigestQueries
+from fleet.push.digest_state import DigestSettings
+from fleet.push.digests import DigestPush
 from fleet.push.mapping import parse_mapping
 from fleet.push.service import PushService
 from fleet.push.source import PortalSource

@@ -20,7 +20,8 @@ from support import ROOT
 CHILD = r"""
 import json, os, signal, sys
 import psycopg
-from fleet.push.service import Checkpoints, PushService
+from fleet.push.report import Checkpoints
+from fleet.push.service import PushService
 from fleet.push.state import PushStateStore
 from fleet.push.transport import IngestClient
 
