@@ -123,9 +123,7 @@ class OneRead:
             self.reading = False
             return
         batch = _Batch(page, gzip_body(page.body()), self.position)
-        if state.server_max_bytes and len(batch.body) > state.server_max_bytes and page.count > 1:
-            # A body over the server's advertised limit is halved before it is sent.
-            self.rules.halve(state, self.owner, page.count, "body over the server's limit")
+        if self.rules.too_big(state, self.owner, page.count, len(batch.body)):
             reader.give_back(page.rows)  # read again, smaller
             return
         self.ready, self.position, self.reading = batch, page.cursor, page.full

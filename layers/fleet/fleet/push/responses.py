@@ -69,8 +69,7 @@ class ResponseRules:
         """Send one batch (its body compressed) and apply the response rules. None means
         "413: resend smaller"."""
         after_text = after.encode() if isinstance(after, Cursor) else after
-        if state.server_max_bytes and len(body) > state.server_max_bytes and count > 1:
-            self.halve(state, owner, count, "body over the server's limit")
+        if self.too_big(state, owner, count, len(body)):
             return None
         batch_id = batch_id_of(batch_type, before.encode() if before else "", after_text, count)
         answer: Reply | TransportError
@@ -160,6 +159,13 @@ class ResponseRules:
                 "rejected": reply.body.get("rejected"),
             },
         )
+
+    def too_big(self, state: ResourceState, owner: str, count: int, size: int) -> bool:
+        """A body over the server's advertised limit is halved before it is sent."""
+        if state.server_max_bytes and size > state.server_max_bytes and count > 1:
+            self.halve(state, owner, count, "body over the server's limit")
+            return True
+        return False
 
     def halve(self, state: ResourceState, owner: str, current: int, why: str) -> None:
         state.batch_size = max(1, current // 2)
