@@ -28,11 +28,11 @@ from fleet.push.cursor import Cursor
 AS_TEXT = ("xid8", "timestamptz", "float8")  # the types the reader takes as PostgreSQL's text
 _CONTROL = re.compile("[\x00-\x1f]")  # what JSON escapes, besides '"' and '\\'
 
-# The formats the fast path (and the digests) read the text in, for the transaction
-# only, and only where the session's own differ: a changed TimeZone or DateStyle is reported to the
-# client, and a proxy may pin the connection for it. (ISO output is the same
-# whatever the MDY/DMY part; any extra_float_digits above 0 gives the shortest exact
-# digits.)
+# The formats the fast path (and the digests) read the text in, set for the
+# transaction only, and only where the session's own differ: a changed TimeZone or
+# DateStyle is reported to the client, and a proxy may pin the connection for it.
+# (ISO output is the same whatever the MDY/DMY part; any extra_float_digits above 0
+# gives the shortest exact digits.)
 TEXT_SETTINGS = (
     "SELECT CASE WHEN current_setting('TimeZone') NOT IN ('UTC', 'Etc/UTC')"
     " THEN set_config('TimeZone', 'UTC', true) END,"

@@ -34,14 +34,14 @@ import psycopg
 from botocore.exceptions import ClientError
 
 from fleet.observability import logger, metrics
-from fleet.push.codec import TEXT_SETTINGS, gzip_body
+from fleet.push.codec import gzip_body
 from fleet.push.cursor import Cursor
 from fleet.push.digest_queries import DigestQueries
 from fleet.push.digest_state import DigestSettings, DigestState, Key, key_text, parse_key
 from fleet.push.mapping import MappingError
 from fleet.push.report import ResourceReport
 from fleet.push.responses import backoff_delay
-from fleet.push.source import PortalSource
+from fleet.push.source import BEGIN_SNAPSHOT, PortalSource
 from fleet.push.state import PushStateStore
 from fleet.push.transport import IngestClient, Reply, TransportError
 from fleet.reconcile import EMPTY_HASH, HEALABLE, day_bounds
@@ -49,12 +49,6 @@ from fleet.reconcile import EMPTY_HASH, HEALABLE, day_bounds
 RESOURCE = "digests"
 _DOCUMENT = "reconcile"  # the state item's attribute holding DigestState
 _NAMESPACE = uuid.UUID("0b5d1a52-8a8e-4d0c-9a63-3f0f3b1d2c71")
-
-# Read as the push reads (fleet.push.codec): times written in UTC and ISO form (the
-# scan's position is read back from its text in another session), and any
-# extra_float_digits above 0 (a ``real`` is read through its text: the digest's value
-# is the one sent).
-_BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + TEXT_SETTINGS
 
 
 class _Stop(Exception):
@@ -157,7 +151,7 @@ class DigestPush:
         today = datetime.fromtimestamp(self.clock(), UTC).date()
         self._queries = None  # the table is looked up again each tick, as the push does
         with conn.transaction():
-            conn.execute(_BEGIN)
+            conn.execute(BEGIN_SNAPSHOT)
             self._scan_changed(conn, doc, cursor, deadline)
             work = self._choose(doc, today)
             digests = self._digests(conn, cursor, work, deadline)

@@ -22,8 +22,11 @@ from fleet.push.cursor import XID_START, Cursor, Phase, key_of
 from fleet.push.mapping import DEFAULT_MAPPING, Resource, SourceMapping
 from fleet.push.queries import MeasurementQueries, full_set_query
 
-# The snapshot, in the formats the page's JSON is written from (fleet.push.codec).
-_BEGIN = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + TEXT_SETTINGS
+# A read's snapshot, in the formats the page's JSON is written from (fleet.push.codec);
+# the digests read in the same (their scan's position is read back from its text in
+# another session, and a ``real`` is read through its text: the digest's value is
+# the one sent).
+BEGIN_SNAPSHOT = "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + TEXT_SETTINGS
 
 
 class MeasurementReader:
@@ -62,7 +65,7 @@ class MeasurementReader:
         self._transaction = transaction = self._conn.transaction()
         transaction.__enter__()
         try:
-            self._conn.execute(_BEGIN)
+            self._conn.execute(BEGIN_SNAPSHOT)
         except BaseException:
             transaction.__exit__(*sys.exc_info())
             raise
