@@ -28,12 +28,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from fleet import customers, push_source
+from fleet import customers
 from fleet.ingest.digests import compare_digests
 from fleet.ingest.store import IngestStore
 from fleet.profiles import ProfileSettings
-from fleet.push_digests import DigestPush, DigestSettings, DigestState, Key
-from fleet.push_source import Cursor
+from fleet.push import source as push_source
+from fleet.push.cursor import Cursor
+from fleet.push.digest_state import DigestSettings, DigestState, Key
+from fleet.push.digests import DigestPush
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
 from bench.ingest_throughput import _Ctx, _event
@@ -133,7 +135,7 @@ _RECHECK_DAY = datetime(2025, 1, 20, tzinfo=UTC).date()  # inside the history at
 
 
 def _digest_tick_ms(side: _Side) -> float:
-    """One tick's digest work on the portal, as push_digests does it, without the
+    """One tick's digest work on the portal, as fleet.push.digests does it, without the
     HTTP round trip: the days of the 5,000 rows pushed last, their device-days'
     digests, and one day of the rolling re-check for every device."""
     assert side.client is not None and side.cursor is not None and side.end is not None

@@ -8,11 +8,13 @@ import statistics
 import time
 
 import psycopg
-from fleet import push_source
 from fleet.models import MEASUREMENT_FIELDS
-from fleet.push_service import PushService
-from fleet.push_state import ResourceState
-from fleet.push_transport import Reply
+from fleet.push import source as push_source
+from fleet.push.cursor import START
+from fleet.push.queries import XID_ORDER
+from fleet.push.service import PushService
+from fleet.push.state import ResourceState
+from fleet.push.transport import Reply
 
 from bench.common import database, server, summary
 from bench.ingest_throughput import COLUMNS
@@ -76,7 +78,7 @@ def _fill(url: str, rows: int) -> None:
 
 
 # The rows in the order the push reads them.
-_ORDER = f"ORDER BY {push_source._XID_ORDER}"
+_ORDER = f"ORDER BY {XID_ORDER}"
 _COPY_COLUMNS = ", ".join(COLUMNS)
 # The body's items as COPY itself writes them: each key a constant column, the time
 # and device id through to_json (PostgreSQL's own JSON, as the push's slow path
@@ -124,7 +126,7 @@ def run(server_url: str, rows: int, batch: int, rounds: int) -> dict[str, float]
         with psycopg.connect(url, autocommit=True) as conn:
             _, items = _copy_json(conn, 50)
             # The reference writes the very items the push sends, or it would not be one.
-            pushed = push_source.read_measurements(conn, push_source.START, len(items)).body()
+            pushed = push_source.read_measurements(conn, START, len(items)).body()
             assert pushed == b'{"items":[' + b",".join(items) + b"]}", "COPY's JSON differs from the push's"
             # Baselines and push alternate, round after round, so that background load
             # falls on all alike; each figure is the median over the rounds.

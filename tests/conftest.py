@@ -14,6 +14,7 @@ import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
 import pytest
@@ -217,3 +218,22 @@ def _summarise_dates(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.section("calendar tests at hard dates")
         for line in test_any_day.RAN:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """AWS from moto for the test (credentials that reach nothing real), with the push's
+    state table created: the table is what the fixture gives."""
+    import boto3
+    from moto import mock_aws
+
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    with mock_aws():
+        yield boto3.resource("dynamodb", region_name="eu-west-1").create_table(
+            TableName="push-state",
+            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
+            BillingMode="PAY_PER_REQUEST",
+        )

@@ -1,5 +1,6 @@
-"""Helpers shared by the tests: a Lambda context, event fixtures, env handling,
-and a local HTTP listener that records what it is sent."""
+"""Helpers shared by the tests: a Lambda context, event fixtures, env handling, a
+local HTTP listener that records what it is sent, and the push against the real
+ingest served over local HTTP."""
 
 from __future__ import annotations
 
@@ -11,15 +12,20 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
-from fleet.push_service import PushService
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push.service import PushService
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
+
+if TYPE_CHECKING:
+    import pytest
+    from fleet_local.api import Route
 
 ROOT = Path(__file__).resolve().parents[1]
 EVENTS = ROOT / "events"
+INGEST_PATH = "/api/fleet/ingest"
 
 
 def load_event(relative: str) -> dict[str, Any]:
@@ -157,3 +163,57 @@ def one_at_a_time(handler: Callable[[Any, Any], Any]) -> Callable[[Any, Any], An
             return handler(event, context)
 
     return serial
+
+
+def reset_handler_caches() -> None:
+    """The handlers' cached configuration and services, cleared: each test sets the
+    environment they are built from."""
+    import ingest
+    import push
+    from fleet import config
+
+    config.cached.cache_clear()
+    ingest.service.cache_clear()
+    push.service.cache_clear()
+
+
+def ingest_routes(handler: Callable[[Any, Any], Any]) -> list[Route]:
+    """The ingest's two routes (batches, the ledger), both to ``handler``."""
+    from fleet_local.api import Route
+
+    return [Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)]
+
+
+@contextmanager
+def ingest_serving(admin_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[str, str]]:
+    """The real ingest handler over local HTTP against an Admin database, one request
+    at a time as Lambda runs it, with the customer DEV0001 registered: (the ingest's
+    URL, the customer's token)."""
+    import ingest
+    from fleet import customers
+    from fleet_local.api import serving
+
+    monkeypatch.setenv("DATABASE_URL", admin_url)
+    reset_handler_caches()
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        token = customers.create(conn, "DEV0001", "Dev").token
+    try:
+        with serving(ingest_routes(one_at_a_time(ingest.handler))) as api:
+            yield api.url + INGEST_PATH, token
+    finally:
+        reset_handler_caches()
+
+
+def drain(service: PushService, clock: Clock, ticks: int = 200, *, no_failures: bool = False) -> int:
+    """Ticks, a minute apart, until every resource is idle or skipped: how many ticks
+    came before that one. ``no_failures``: a resource that fails or is refused fails
+    the test at once."""
+    for n in range(ticks):
+        report = service.tick()
+        if no_failures:
+            failed = {k: r.detail for k, r in report.resources.items() if r.outcome in ("failed", "refused")}
+            assert not failed, failed
+        if all(r.outcome in ("idle", "skipped") for r in report.resources.values()):
+            return n
+        clock.advance(60)
+    raise AssertionError("backlog not drained")

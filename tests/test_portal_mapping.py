@@ -20,39 +20,20 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import boto3
-import ingest
 import psycopg
-import push
 import pytest
-from fleet import config, customers
+from fleet import config
 from fleet.errors import ConfigurationError
 from fleet.migrations import migrate
 from fleet.observability import metrics
-from fleet.push_mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
-from fleet.push_source import MeasurementQueries, PortalSource
-from fleet.push_state import PushStateStore
+from fleet.push.mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
+from fleet.push.queries import MeasurementQueries
+from fleet.push.source import PortalSource
+from fleet.push.state import PushStateStore
 from fleet_local import cli
-from fleet_local.api import Route, serving
-from moto import mock_aws
-from support import Clock, make_push_service
+from support import Clock, drain, ingest_serving, make_push_service
 
-INGEST_PATH = "/api/fleet/ingest"
 METRICS = ("power_w", "voltage_v", "current_a", "energy_wh", "power_factor", "frequency_hz")
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        yield boto3.resource("dynamodb", region_name="eu-west-1").create_table(
-            TableName="push-state",
-            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
 
 
 @dataclass
@@ -82,22 +63,10 @@ class Admin:
         )
 
 
-def _reset() -> None:
-    config.cached.cache_clear()
-    ingest.service.cache_clear()
-    push.service.cache_clear()
-
-
 @pytest.fixture
 def admin(admin_db_postgres: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
-    monkeypatch.setenv("DATABASE_URL", admin_db_postgres)
-    _reset()
-    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
-        token = customers.create(conn, "DEV0001", "Dev").token
-    routes = [Route("POST", INGEST_PATH, ingest.handler), Route("GET", f"{INGEST_PATH}/state", ingest.handler)]
-    with serving(routes) as api:
-        yield Admin(admin_db_postgres, api.url + INGEST_PATH, token)
-    _reset()
+    with ingest_serving(admin_db_postgres, monkeypatch) as (server_url, token):
+        yield Admin(admin_db_postgres, server_url, token)
 
 
 def _push_everything(portal: str, mapping: SourceMapping, aws: Any, admin: Admin) -> None:
@@ -105,14 +74,7 @@ def _push_everything(portal: str, mapping: SourceMapping, aws: Any, admin: Admin
     service = make_push_service(
         portal, aws, admin.server_url, admin.token, clock, batch_size=7, source=PortalSource(mapping)
     )
-    for _ in range(100):
-        report = service.tick()
-        failed = {k: r.detail for k, r in report.resources.items() if r.outcome in ("failed", "refused")}
-        assert not failed, failed
-        if all(r.outcome in ("idle", "skipped") for r in report.resources.values()):
-            return
-        clock.advance(60)
-    raise AssertionError("backlog not drained")
+    drain(service, clock, 100, no_failures=True)
 
 
 def _write(url: str, *statements: str) -> None:
@@ -587,7 +549,7 @@ def test_the_check_names_wrong_types_missing_tables_and_nullable_keys(empty_db: 
                 ),
             }
         )
-        from fleet.push_mapping import check
+        from fleet.push.catalogue import check
 
         report = check(conn, fixed, ("sites",))
     assert report.errors == []
@@ -690,7 +652,7 @@ def test_the_default_mapping_reads_as_before(client_db: str) -> None:
 
 
 def test_the_functions_read_the_mapping_their_setting_names(aws) -> None:
-    from fleet.push_wiring import build_push_service
+    from fleet.push.wiring import build_push_service
 
     env = {
         "DATABASE_URL": "postgresql://fleet@127.0.0.1:1/portal",

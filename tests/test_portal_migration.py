@@ -13,7 +13,8 @@ import psycopg
 import pytest
 from fleet import migrations
 from fleet.migrations import migrate
-from fleet.push_mapping import DEFAULT_MAPPING, check
+from fleet.push.catalogue import check
+from fleet.push.mapping import DEFAULT_MAPPING
 
 # A portal as it was before the project's migrations: the default names, no
 # received_at, no push_xid, and many rows.

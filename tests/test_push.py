@@ -24,31 +24,28 @@ import ingest
 import psycopg
 import push
 import pytest
-from fleet import config, customers, push_service, push_source
+from fleet import config
 from fleet.observability import metrics
-from fleet.push_service import BACKOFF_CAP_S, Checkpoints, PushService
-from fleet.push_state import LeaseLost, PushStateStore
-from fleet.push_transport import IngestClient, parse_retry_after
-from fleet_local.api import Route, serving
-from moto import mock_aws
-from support import Clock, FakeLambdaContext, load_event, make_push_service, one_at_a_time
-
-INGEST_PATH = "/api/fleet/ingest"
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        table = boto3.resource("dynamodb", region_name="eu-west-1").create_table(
-            TableName="push-state",
-            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-        yield table
+from fleet.push import service as push_service
+from fleet.push import source as push_source
+from fleet.push.report import Checkpoints
+from fleet.push.responses import BACKOFF_CAP_S
+from fleet.push.service import PushService
+from fleet.push.state import LeaseLost, PushStateStore
+from fleet.push.transport import IngestClient, parse_retry_after
+from fleet_local.api import serving
+from support import (
+    INGEST_PATH,
+    Clock,
+    FakeLambdaContext,
+    drain,
+    ingest_routes,
+    ingest_serving,
+    load_event,
+    make_push_service,
+    one_at_a_time,
+    reset_handler_caches,
+)
 
 
 @dataclass
@@ -70,23 +67,10 @@ class Admin:
             )
 
 
-def _reset() -> None:
-    config.cached.cache_clear()
-    ingest.service.cache_clear()
-    push.service.cache_clear()
-
-
 @pytest.fixture
 def admin(admin_db_postgres: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
-    monkeypatch.setenv("DATABASE_URL", admin_db_postgres)
-    _reset()
-    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
-        token = customers.create(conn, "DEV0001", "Dev").token
-    handler = one_at_a_time(ingest.handler)
-    routes = [Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)]
-    with serving(routes) as api:
-        yield Admin(admin_db_postgres, api.url + INGEST_PATH, token)
-    _reset()
+    with ingest_serving(admin_db_postgres, monkeypatch) as (server_url, token):
+        yield Admin(admin_db_postgres, server_url, token)
 
 
 def client_rows(url: str) -> set[tuple[Any, ...]]:
@@ -102,15 +86,6 @@ def insert(url: str, count: int, start: datetime | None = None, device: str = "m
             " SELECT %s + make_interval(secs => g), %s, g, g * 10 FROM generate_series(%s::int, %s::int) g",
             (start, device, offset, offset + count - 1),
         )
-
-
-def drain(service: PushService, clock: Clock, ticks: int = 200) -> int:
-    for n in range(ticks):
-        report = service.tick()
-        if all(r.outcome in ("idle", "skipped") for r in report.resources.values()):
-            return n
-        clock.advance(60)
-    raise AssertionError("backlog not drained")
 
 
 # --- end to end against the real ingest --------------------------------------------
@@ -154,7 +129,7 @@ def test_the_scheduled_handler_runs_a_tick_with_the_token_from_secrets_manager(
     try:
         result = push.handler(load_event("push/scheduled.json"), FakeLambdaContext())
     finally:
-        _reset()
+        reset_handler_caches()
     assert result["measurements"]["rows"] == 30
     # The admin database is another one: the ingest handler reads its own env,
     # restored when the fixture's monkeypatch undoes DATABASE_URL.
@@ -388,7 +363,7 @@ def scripted(aws, client_db: str) -> Iterator[Callable[..., tuple[PushService, S
         # order requests arrive, and batches posted together may arrive either way.
         kw.setdefault("in_flight", 1)
         handler = one_at_a_time(script)
-        ctx = serving([Route("POST", INGEST_PATH, handler), Route("GET", f"{INGEST_PATH}/state", handler)])
+        ctx = serving(ingest_routes(handler))
         api = ctx.__enter__()
         servers.append(ctx)
         clock = Clock()
@@ -437,7 +412,7 @@ def test_500_backs_off_one_minute_then_doubles_and_keeps_the_cursor(scripted) ->
 
 
 def test_jitter_stays_between_half_and_all_of_the_delay() -> None:
-    from fleet.push_service import backoff_delay
+    from fleet.push.responses import backoff_delay
 
     assert backoff_delay(1, lambda: 0.0) == 30
     assert backoff_delay(1, lambda: 1.0) == 60
@@ -696,7 +671,7 @@ def _decided_push(
     aws: Any, client_db: str, decide: Callable[[list[dict[str, Any]], int], tuple[float, int]], **kw: Any
 ) -> Iterator[tuple[PushService, Decided, Clock]]:
     script = Decided(decide)
-    with serving([Route("POST", INGEST_PATH, script), Route("GET", f"{INGEST_PATH}/state", script)]) as api:
+    with serving(ingest_routes(script)) as api:
         clock = Clock()
         token = "flt_" + "a" * 30 + "_aaaaaa"
         yield make_push_service(client_db, aws, api.url + INGEST_PATH, token, clock, **kw), script, clock

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 from fleet.observability import metrics
-from fleet.push_source import START, XID_START, Cursor, UnreadableCursor
-from support import Clock, make_push_service
-from test_push import Admin, client_rows, drain, insert
+from fleet.push.cursor import START, XID_START, Cursor, UnreadableCursor
+from support import Clock, drain, make_push_service
+from test_push import Admin, client_rows, insert
 from test_push import admin as admin  # a fixture (the "as" re-exports it)
-from test_push import aws as aws  # a fixture
 
 # --- the formats ---------------------------------------------------------------------
 

@@ -13,8 +13,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet import push_source
-from fleet.push_source import XID_START, Cursor
+from fleet.push import source as push_source
+from fleet.push.codec import TEXT_SETTINGS, MeasurementPage
+from fleet.push.cursor import START, XID_START, Cursor
 
 COLUMNS = "time, device_id, power_w, voltage_v, current_a, energy_wh, power_factor, frequency_hz"
 
@@ -77,7 +78,7 @@ NOT_FINITE = [
 ]
 
 
-def _page_and_oracle(url: str, rows: list[tuple[Any, ...]]) -> tuple[push_source.MeasurementPage, list[Any]]:
+def _page_and_oracle(url: str, rows: list[tuple[Any, ...]]) -> tuple[MeasurementPage, list[Any]]:
     """Write ``rows`` as the only rows of a fresh transaction and read them as one page."""
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("DELETE FROM monitoring.power_measurements")
@@ -172,9 +173,9 @@ def test_legacy_rows_and_newer_rows_share_a_page_in_order(client_db: str) -> Non
         _write(conn, PLAIN[:4])
         conn.execute("UPDATE monitoring.power_measurements SET push_xid = NULL")  # as before the migration
         _write(conn, PLAIN[4:] + SLOW["quote"])
-        page = push_source.read_measurements(conn, push_source.START, 100)
+        page = push_source.read_measurements(conn, START, 100)
         assert not page.vouched  # the quote
-        expected = _oracle(conn, "legacy", 100, push_source.START) + _oracle(conn, "xid", 100, XID_START)
+        expected = _oracle(conn, "legacy", 100, START) + _oracle(conn, "xid", 100, XID_START)
         assert json.loads(page.body())["items"] == expected
         assert page.cursor.phase == "xid"
 
@@ -204,14 +205,14 @@ def test_a_session_already_in_utc_and_iso_is_left_as_it_is(client_db: str) -> No
         conn.execute("SET TimeZone = 'UTC'")
         conn.execute("SET DateStyle = 'ISO, DMY'")
         with conn.transaction():
-            conn.execute(push_source._SETTINGS)
+            conn.execute(TEXT_SETTINGS)
             changed = conn.execute(
                 "SELECT current_setting('TimeZone'), current_setting('DateStyle'), current_setting('extra_float_digits')"
             ).fetchone()
         assert changed == ("UTC", "ISO, DMY", "1")
         conn.execute("SET TimeZone = 'Asia/Kolkata'")
         with conn.transaction():
-            conn.execute(push_source._SETTINGS)
+            conn.execute(TEXT_SETTINGS)
             assert conn.execute("SELECT current_setting('TimeZone')").fetchone() == ("UTC",)
         assert conn.execute("SELECT current_setting('TimeZone')").fetchone() == (
             "Asia/Kolkata",
@@ -224,11 +225,11 @@ def test_a_session_already_in_utc_and_iso_is_left_as_it_is(client_db: str) -> No
 # --- the reader: one snapshot, streamed, handed out in pages ---------------------------
 
 
-def _keys(pages: list[push_source.MeasurementPage]) -> list[tuple[str, str]]:
+def _keys(pages: list[MeasurementPage]) -> list[tuple[str, str]]:
     return [(item["time"], item["device_id"]) for page in pages for item in json.loads(page.body())["items"]]
 
 
-def _all_pages(reader: push_source.MeasurementReader, size: int) -> list[push_source.MeasurementPage]:
+def _all_pages(reader: push_source.MeasurementReader, size: int) -> list[MeasurementPage]:
     pages = []
     while (page := reader.page(size)).count:
         pages.append(page)
@@ -241,9 +242,9 @@ def test_a_reader_hands_out_every_row_once_in_order_across_pages_and_phases(clie
         conn.execute("UPDATE monitoring.power_measurements SET push_xid = NULL")  # as before the migration
         _write(conn, PLAIN[5:])
         _write(conn, NOT_FINITE)
-        with push_source.MeasurementReader(conn, push_source.START, 100) as reader:
+        with push_source.MeasurementReader(conn, START, 100) as reader:
             pages = _all_pages(reader, 3)
-        expected = _oracle(conn, "legacy", 100, push_source.START) + _oracle(conn, "xid", 100, XID_START)
+        expected = _oracle(conn, "legacy", 100, START) + _oracle(conn, "xid", 100, XID_START)
         assert [p.count for p in pages] == [3, 3, 2]  # the legacy tail and the newer rows share a page
         assert [item for p in pages for item in json.loads(p.body())["items"]] == expected
         # Each page's cursor is the key of its last row: a new reader from it goes on

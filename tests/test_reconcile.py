@@ -15,53 +15,28 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-import boto3
-import ingest
 import psycopg
-import push
 import pytest
 import urllib3
 from contract import check_response
-from fleet import config, customers
-from fleet import push_digests as module
 from fleet.migrations import migrate
-from fleet.push_digests import DigestPush, DigestQueries, DigestSettings
-from fleet.push_mapping import parse_mapping
-from fleet.push_service import PushService
-from fleet.push_source import PortalSource
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
-from fleet_local.api import Route, serving
+from fleet.push import digests as module
+from fleet.push.digest_queries import DigestQueries
+from fleet.push.digest_state import DigestSettings
+from fleet.push.digests import DigestPush
+from fleet.push.mapping import parse_mapping
+from fleet.push.service import PushService
+from fleet.push.source import PortalSource
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
 from fleet_local.status import fleet_status, render
-from moto import mock_aws
-from support import Clock, make_push_service
+from support import INGEST_PATH, Clock, ingest_serving, make_push_service
 from test_portal_mapping import EF_CORE_MAPPING, EF_CORE_SCHEMA
 
-INGEST_PATH = "/api/fleet/ingest"
 DEVICES = ("meter-1", "meter-2", "meter-3")
 FIRST_DAY = date(2026, 11, 2)
 DAYS = 4
 PER_DAY = 96
-
-
-@pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    with mock_aws():
-        yield boto3.resource("dynamodb", region_name="eu-west-1").create_table(
-            TableName="push-state",
-            KeySchema=[{"AttributeName": "resource", "KeyType": "HASH"}],
-            AttributeDefinitions=[{"AttributeName": "resource", "AttributeType": "S"}],
-            BillingMode="PAY_PER_REQUEST",
-        )
-
-
-def _reset() -> None:
-    config.cached.cache_clear()
-    ingest.service.cache_clear()
-    push.service.cache_clear()
 
 
 @dataclass
@@ -102,14 +77,8 @@ class Admin:
 
 @pytest.fixture
 def admin(admin_db: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Admin]:
-    monkeypatch.setenv("DATABASE_URL", admin_db)
-    _reset()
-    with psycopg.connect(admin_db, autocommit=True) as conn:
-        token = customers.create(conn, "DEV0001", "Dev").token
-    routes = [Route("POST", INGEST_PATH, ingest.handler), Route("GET", f"{INGEST_PATH}/state", ingest.handler)]
-    with serving(routes) as api:
-        yield Admin(admin_db, api.url + INGEST_PATH, token)
-    _reset()
+    with ingest_serving(admin_db, monkeypatch) as (server_url, token):
+        yield Admin(admin_db, server_url, token)
 
 
 def _day_start(day: date) -> datetime:

@@ -10,8 +10,8 @@ from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleet import config
 from fleet.observability import logger, metrics, tracer
-from fleet.push_service import PushService
-from fleet.push_wiring import build_push_service
+from fleet.push.service import PushService
+from fleet.push.wiring import build_push_service
 
 
 @lru_cache(maxsize=1)

@@ -12,7 +12,7 @@ from typing import Any
 import ingest
 import psycopg
 from fleet import config, customers
-from fleet.push_service import PushService
+from fleet.push.service import PushService
 from fleet_local.api import LocalHttpApi, Route, serving
 from support import Clock, one_at_a_time
 

@@ -20,9 +20,10 @@ from support import ROOT
 CHILD = r"""
 import json, os, signal, sys
 import psycopg
-from fleet.push_service import Checkpoints, PushService
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push.report import Checkpoints
+from fleet.push.service import PushService
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
 
 crash_at = os.environ.get("CRASH_AT", "")
 

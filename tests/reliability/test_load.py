@@ -16,9 +16,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet.push_service import PushService
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push.service import PushService
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
 from fleet_local.embedded import ensure_state_table
 from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
 from fleet_local.template import Template

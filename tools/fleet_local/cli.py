@@ -28,7 +28,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
     mapping = None
     if args.role == "client" and args.mapping is not None:
-        from fleet.push_mapping import load_mapping
+        from fleet.push.mapping import load_mapping
 
         mapping = load_mapping(args.mapping)
     with db.connect(_database_url(args)) as conn:
@@ -54,7 +54,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 def _cmd_check(args: argparse.Namespace) -> int:
     """The client's source mapping against the portal database's catalogue."""
     from fleet import db
-    from fleet.push_mapping import check, configured_mapping, load_mapping
+    from fleet.push.catalogue import check
+    from fleet.push.mapping import configured_mapping, load_mapping
 
     mapping = load_mapping(args.mapping) if args.mapping is not None else configured_mapping()
     with db.connect(_database_url(args)) as conn:

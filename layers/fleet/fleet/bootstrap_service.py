@@ -9,7 +9,7 @@ from typing import Any
 from fleet import db
 from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
 from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, failed_jobs, refresh_queued_ranges
-from fleet.push_mapping import SourceMapping
+from fleet.push.mapping import SourceMapping
 
 
 @dataclass

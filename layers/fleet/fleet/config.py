@@ -25,7 +25,7 @@ from fleet.errors import ConfigurationError
 from fleet.migrations import ProfileChoice, Role
 
 if TYPE_CHECKING:
-    from fleet.push_mapping import SourceMapping
+    from fleet.push.mapping import SourceMapping
 
 
 class _EnvModel(BaseModel):
@@ -50,12 +50,12 @@ class DatabaseSettings(_EnvModel):
 
 
 class SourceMappingSetting(_EnvModel):
-    # The push's source mapping (fleet.push_mapping): a JSON file in the deployment,
+    # The push's source mapping (fleet.push.mapping): a JSON file in the deployment,
     # relative to the layer's python/ folder; unset or empty: the default tables.
     source_mapping: str | None = Field(None, alias="PUSH_SOURCE_MAPPING")
 
     def mapping(self) -> SourceMapping:
-        from fleet.push_mapping import load_mapping  # the ingest has no use for it
+        from fleet.push.mapping import load_mapping  # the ingest has no use for it
 
         return load_mapping(self.source_mapping)
 

@@ -7,7 +7,7 @@ at once) serialise: the second waits and then finds nothing left to do. An appli
 file that has changed since is refused, never silently re-run.
 
 The client role works on the customer's portal database, through the push's source
-mapping (fleet.push_mapping), checked against the catalogue before anything runs.
+mapping (fleet.push.mapping), checked against the catalogue before anything runs.
 It adds only the push's cursor column and its indexes (the cursor's order, and the
 day's range reconciliation digests by) to the mapped measurements table,
 without a write outage: the column nullable first, then its default (neither
@@ -36,7 +36,8 @@ from psycopg import sql
 from fleet.errors import MigrationChecksumMismatch, MigrationError, ProfileError
 
 if TYPE_CHECKING:
-    from fleet.push_mapping import ResolvedTable, SourceMapping
+    from fleet.push.catalogue import ResolvedTable
+    from fleet.push.mapping import SourceMapping
 
 Role = Literal["admin", "client"]
 Profile = Literal["timescale", "postgres"]
@@ -257,7 +258,8 @@ def migrate_client(
     (every problem named, nothing done if there is one), add the cursor column and build
     its indexes (outside any transaction), apply the project's own portal tables with the
     default mapping, and check again."""
-    from fleet.push_mapping import check, configured_mapping
+    from fleet.push.catalogue import check
+    from fleet.push.mapping import configured_mapping
 
     if mapping is None:
         mapping = configured_mapping()
@@ -383,8 +385,8 @@ def prepare_cursor(conn: psycopg.Connection, table: ResolvedTable, default_table
     pg_current_xact_id()`` (nullable first, then the default: no rewrite; rows from
     before keep NULL and are pushed first) and the indexes of the cursor's order and
     of reconciliation's days, on the very expressions the push reads by
-    (fleet.push_source.cursor_key)."""
-    from fleet.push_source import cursor_key
+    (fleet.push.queries.cursor_key)."""
+    from fleet.push.queries import cursor_key
 
     changes: list[str] = []
     what = f"adding the cursor column to {table.plain}"

@@ -10,11 +10,11 @@ import psycopg
 
 from fleet import db
 from fleet.config import PushConfig
-from fleet.push_digests import DigestPush, DigestSettings
-from fleet.push_service import PushService
-from fleet.push_source import PortalSource
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient
+from fleet.push.digests import DigestPush, DigestSettings
+from fleet.push.service import PushService
+from fleet.push.source import PortalSource
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient
 
 
 def _token(cfg: PushConfig) -> str:

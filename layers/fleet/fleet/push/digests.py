@@ -27,203 +27,28 @@ import json
 import math
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import psycopg
 from botocore.exceptions import ClientError
-from psycopg import sql
 
-from fleet.models import MEASUREMENT_FIELDS
 from fleet.observability import logger, metrics
-from fleet.push_mapping import CURSOR_COLUMN, MappingError, ResolvedTable
-from fleet.push_service import ResourceReport, backoff_delay
-from fleet.push_source import Cursor, PortalSource, cursor_key, number_expression
-from fleet.push_state import PushStateStore
-from fleet.push_transport import IngestClient, Reply, TransportError, gzip_body
-from fleet.reconcile import EMPTY_HASH, HEALABLE, RowColumns, day_bounds, digest_sql, row_hash_sql
+from fleet.push.codec import gzip_body
+from fleet.push.cursor import Cursor
+from fleet.push.digest_queries import DigestQueries
+from fleet.push.digest_state import DigestSettings, DigestState, Key, key_text, parse_key
+from fleet.push.mapping import MappingError
+from fleet.push.report import ResourceReport
+from fleet.push.responses import backoff_delay
+from fleet.push.source import BEGIN_SNAPSHOT, PortalSource
+from fleet.push.state import PushStateStore
+from fleet.push.transport import IngestClient, Reply, TransportError
+from fleet.reconcile import EMPTY_HASH, HEALABLE, day_bounds
 
 RESOURCE = "digests"
+_DOCUMENT = "reconcile"  # the state item's attribute holding DigestState
 _NAMESPACE = uuid.UUID("0b5d1a52-8a8e-4d0c-9a63-3f0f3b1d2c71")
-_FIRST_DAY, _LAST_DAY = "0001-01-02", "9999-12-30"  # what a date and RFC 3339 both hold
-
-# As the push reads (push_source): times written in UTC and ISO form (the scan's
-# position is read back from its text in another session), and any extra_float_digits
-# above 0 (a ``real`` is read through its text: the digest's value is the one sent).
-_SETTINGS = (
-    "SELECT CASE WHEN current_setting('TimeZone') NOT IN ('UTC', 'Etc/UTC')"
-    " THEN set_config('TimeZone', 'UTC', true) END,"
-    " CASE WHEN left(current_setting('DateStyle'), 4) <> 'ISO,'"
-    " THEN set_config('DateStyle', 'ISO, YMD', true) END,"
-    " CASE WHEN current_setting('extra_float_digits')::int < 1"
-    " THEN set_config('extra_float_digits', '1', true) END"
-)
-
-# The days of the rows past the last scan's position, up to the cursor, in the
-# cursor's order (its index), a bounded chunk at a time; and the chunk's last key.
-_CHANGED = """
-WITH chunk AS MATERIALIZED (
-    SELECT {xid} AS x, {at} AS t, {device} AS d FROM {table}
-    WHERE {where} ORDER BY {order} LIMIT %(limit)s
-)
-SELECT g.d, g.day, l.x, l.t, l.d, (SELECT count(*) FROM chunk)
-FROM (SELECT x::text, t::text, d::text FROM chunk ORDER BY x DESC, t DESC, d DESC LIMIT 1) l
-LEFT JOIN (SELECT d::text AS d, (t AT TIME ZONE 'UTC')::date AS day FROM chunk
-           WHERE d IS NOT NULL AND t >= '{first}' AND t < '{last}' GROUP BY 1, 2) g ON true
-"""
-
-
-class DigestQueries:
-    """The digests' statements for the measurements table as the source mapping and
-    the catalogue have it (fleet.push_source.MeasurementQueries is the push's own):
-    the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
-    id as text, each metric as float8 in the contract's unit, scale applied: the very
-    expressions the push sends, so the digest is that of what the ingest stores. A
-    day's rows are read by two partial indexes on (time, device id), both built
-    concurrently by the client bootstrap (fleet.migrations.prepare_cursor) on the
-    same expressions: the legacy index and the day index."""
-
-    def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:
-        def text(part: sql.Composable) -> str:
-            # Fragments of statements that take %(name)s parameters: a quoted name
-            # holding "%" must not read as one.
-            return part.as_string(conn).replace("%", "%%")
-
-        at, device = (text(e) for e in cursor_key(table))
-        xid = text(sql.Identifier("src", CURSOR_COLUMN))
-        metrics = tuple(text(number_expression(table, m)) for m in MEASUREMENT_FIELDS)
-        source = text(sql.SQL("{} AS src").format(table.ident))
-        self.table = table
-        self.columns = RowColumns(at, device, metrics)
-        # Rows the ingest stores: a device id of 1..64 characters, finite metrics.
-        ingestible = " AND ".join(
-            [
-                f"{device} IS NOT NULL",
-                f"length({device}) BETWEEN 1 AND 64",
-                *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in metrics),
-            ]
-        )
-        # Rows the measurement cursor has passed (push_source's order: legacy rows
-        # first), in two parts, each read by its own partial index on (time, device
-        # id): rows from before the cursor column (push_xid NULL: the legacy index)
-        # and the others (the day index).
-        behind = {
-            "legacy": [f"{xid} IS NULL AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)"],
-            "xid": [
-                f"{xid} IS NULL",
-                f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
-            ],
-        }
-
-        def day_rows(phase: str, some_devices: bool, columns: str, also: str = "") -> str:
-            """The ingestible rows of one day the cursor has passed (of some devices)."""
-            devices = f" AND {device} = ANY(%(devices)s::text[])" if some_devices else ""
-            return " UNION ALL ".join(
-                f"SELECT {columns} FROM {source} WHERE {part} AND {at} >= %(start)s AND {at} <= %(last)s"
-                f" AND {ingestible}{devices}{also}"
-                for part in behind[phase]
-            )
-
-        row = f"{device} AS device_id, {row_hash_sql(self.columns)} AS h"
-        self.digest = {
-            (phase, some): (
-                f"SELECT device_id, {digest_sql('h')} FROM ({day_rows(phase, some, row)}) r GROUP BY device_id"
-            )
-            for phase in ("legacy", "xid")
-            for some in (False, True)
-        }
-        # One device-day's rows after a time, as a request body: PostgreSQL's JSON of
-        # the values (times with their offset, float8 in their shortest exact digits).
-        item = (
-            f"{at} AS t, json_build_object('time', {at}, 'device_id', {device}, "
-            + ", ".join(f"'{name}', {m}" for name, m in zip(MEASUREMENT_FIELDS, metrics, strict=True))
-            + ")::text AS item"
-        )
-        after = f" AND {at} > %(after)s::timestamptz"
-        self.resend = {
-            phase: (
-                "SELECT count(*), max(t)::text,"
-                " '{\"items\":[' || coalesce(string_agg(item, ',' ORDER BY t), '') || ']}'"
-                f" FROM (SELECT t, item FROM ({day_rows(phase, True, item, after)}) u"
-                " ORDER BY t LIMIT %(limit)s) c"
-            )
-            for phase in ("legacy", "xid")
-        }
-        changed_where = {
-            "legacy": f"{xid} IS NULL AND ({at}, {device}) > (%(pt)s::timestamptz, %(pd)s)",
-            "xid": f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(px)s::xid8, %(pt)s::timestamptz, %(pd)s)",
-        }
-        changed_upto = {
-            "legacy": f" AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)",
-            "xid": f" AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
-        }
-        changed_order = {"legacy": f"{at}, {device}", "xid": f"{xid}, {at}, {device}"}
-        self.changed = {
-            (phase, upto): _CHANGED.format(
-                xid=xid,
-                at=at,
-                device=device,
-                table=source,
-                where=changed_where[phase] + (changed_upto[phase] if upto else ""),
-                order=changed_order[phase],
-                first=_FIRST_DAY,
-                last=_LAST_DAY,
-            )
-            for phase in ("legacy", "xid")
-            for upto in (False, True)
-        }
-
-
-@dataclass(frozen=True)
-class DigestSettings:
-    horizon_days: int = 90  # the rolling re-check covers this many days before today
-    period_s: float = 86_400.0  # ...once within this period
-    alarm_ticks: int = 5  # a mismatch not healed within this many ticks raises the alarm
-    heal_attempts: int = 3  # re-sends of one device-day before it is left to be reported
-    batch_size: int = 5000  # rows per re-sent batch, digests per digests batch
-    scan_rows: int = 100_000  # rows of the changed-days scan per chunk
-    scan_chunks: int = 5  # chunks of it per tick at most
-    max_pending: int = 5000  # changed device-days kept waiting (bounds the state item)
-    days_per_tick: int = 30  # distinct days digested per tick at most
-
-
-Key = tuple[str, date]  # (device_id, day)
-
-
-def _key_text(key: Key) -> str:
-    return f"{key[1].isoformat()}|{key[0]}"
-
-
-def _key_of(text: str) -> Key:
-    day, _, device = text.partition("|")
-    return device, date.fromisoformat(day)
-
-
-@dataclass
-class DigestState:
-    """The ``digests`` item's document (one attribute, JSON)."""
-
-    position: str | None = None  # the changed-days scan's cursor
-    pending: list[str] = field(default_factory=list)  # changed device-days not yet digested
-    open: dict[str, dict[str, Any]] = field(default_factory=dict)  # key -> outcome, first tick, attempts
-    round_started_at: float | None = None
-    round_first_day: str | None = None
-    round_done: int = 0
-    tick: int = 0
-    failures: int = 0
-    next_attempt_at: float = 0.0
-    last_error: str | None = None
-
-    @classmethod
-    def loads(cls, text: str | None) -> DigestState:
-        if not text:
-            return cls()
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in json.loads(text).items() if k in known})
-
-    def dumps(self) -> str:
-        return json.dumps(vars(self), separators=(",", ":"), sort_keys=True)
 
 
 class _Stop(Exception):
@@ -267,9 +92,8 @@ class DigestPush:
             rep.outcome, rep.detail = "failed", f"state table: {exc}"[:500]
             return rep
         try:
-            item = self.state.table.get_item(Key={"resource": RESOURCE}, ConsistentRead=True).get("Item", {})
-            doc = DigestState.loads(item.get("reconcile"))
-            version = int(item.get("version", 0))
+            text, version = self.state.document(RESOURCE, _DOCUMENT)
+            doc = DigestState.loads(text)
             if doc.next_attempt_at > now:
                 rep.outcome, rep.detail = "backoff", f"next attempt in {doc.next_attempt_at - now:.0f} s"
                 return rep
@@ -281,18 +105,9 @@ class DigestPush:
                 self._tick(conn, doc, rep, deadline)
                 doc.failures, doc.last_error = 0, None
             except (_Stop, TransportError, MappingError, psycopg.Error) as exc:
-                # Days scanned stay pending; the findings and the round wait for the retry.
-                doc.open, doc.round_started_at = before.open, before.round_started_at
-                doc.round_first_day, doc.round_done = before.round_first_day, before.round_done
-                wait = exc.wait if isinstance(exc, _Stop) else None
-                doc.failures += 1
-                delay = backoff_delay(doc.failures, self.rng) if wait is None else min(wait, 3600.0)
-                doc.next_attempt_at = self.clock() + delay
-                doc.last_error = (str(exc) if isinstance(exc, _Stop) else f"{type(exc).__name__}: {exc}")[:500]
-                rep.outcome, rep.detail = "failed", doc.last_error
-                metrics.add_metric(name="PushFailures", unit="Count", value=1)
-                logger.warning("digests failed; backing off", extra={"error": doc.last_error})
-            self._save(doc, owner, version)
+                self._back_off(doc, before, exc, rep)
+            if not self.state.save_document(RESOURCE, _DOCUMENT, doc.dumps(), owner, version):
+                logger.warning("lease on digests lost; state not written")
         except Exception as exc:  # noqa: BLE001 - the digests' failure stays their own
             rep.outcome, rep.detail = "failed", f"{type(exc).__name__}: {exc}"[:500]
             logger.exception("digests failed")
@@ -310,30 +125,19 @@ class DigestPush:
             self._queries = DigestQueries(self.source.table(conn, "measurements"), conn)
         return self._queries
 
-    def _save(self, doc: DigestState, owner: str, version: int) -> None:
-        try:
-            self.state.table.update_item(
-                Key={"resource": RESOURCE},
-                UpdateExpression="SET #doc = :doc, #version = :next, #initialized = :t",
-                ConditionExpression="#owner = :me AND #version = :v",
-                ExpressionAttributeNames={
-                    "#doc": "reconcile",
-                    "#version": "version",
-                    "#initialized": "initialized",
-                    "#owner": "lease_owner",
-                },
-                ExpressionAttributeValues={
-                    ":doc": doc.dumps(),
-                    ":next": version + 1,
-                    ":v": version,
-                    ":me": owner,
-                    ":t": True,
-                },
-            )
-        except ClientError as exc:
-            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
-                raise
-            logger.warning("lease on digests lost; state not written")
+    def _back_off(self, doc: DigestState, before: DigestState, exc: Exception, rep: ResourceReport) -> None:
+        """A tick that failed: the days scanned stay pending; the findings and the round
+        wait for the retry, after the server's wait or the backoff."""
+        doc.open, doc.round_started_at = before.open, before.round_started_at
+        doc.round_first_day, doc.round_done = before.round_first_day, before.round_done
+        wait = exc.wait if isinstance(exc, _Stop) else None
+        doc.failures += 1
+        delay = backoff_delay(doc.failures, self.rng) if wait is None else min(wait, 3600.0)
+        doc.next_attempt_at = self.clock() + delay
+        doc.last_error = (str(exc) if isinstance(exc, _Stop) else f"{type(exc).__name__}: {exc}")[:500]
+        rep.outcome, rep.detail = "failed", doc.last_error
+        metrics.add_metric(name="PushFailures", unit="Count", value=1)
+        logger.warning("digests failed; backing off", extra={"error": doc.last_error})
 
     # -- one tick ------------------------------------------------------------------------
     def _tick(self, conn: psycopg.Connection, doc: DigestState, rep: ResourceReport, deadline: float) -> None:
@@ -347,7 +151,7 @@ class DigestPush:
         today = datetime.fromtimestamp(self.clock(), UTC).date()
         self._queries = None  # the table is looked up again each tick, as the push does
         with conn.transaction():
-            conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY; " + _SETTINGS)
+            conn.execute(BEGIN_SNAPSHOT)
             self._scan_changed(conn, doc, cursor, deadline)
             work = self._choose(doc, today)
             digests = self._digests(conn, cursor, work, deadline)
@@ -396,7 +200,7 @@ class DigestPush:
                 break
             for device, day, *_ in rows:
                 if device is not None:
-                    pending.add(_key_text((device, day)))
+                    pending.add(key_text((device, day)))
             _, _, xid, at, device, count = rows[0]
             position = Cursor(position.phase, int(xid or 0), at or "infinity", device or "")
             if count < self.settings.scan_rows and position.phase == cursor.phase:
@@ -420,9 +224,9 @@ class DigestPush:
 
         for text, o in doc.open.items():  # a re-sent device-day is confirmed
             if o["o"] in HEALABLE and o["a"] <= s.heal_attempts and o.get("resent"):
-                add(_key_of(text))
+                add(parse_key(text))
         for text in doc.pending:
-            add(_key_of(text))
+            add(parse_key(text))
         # The rolling re-check: a round starts once a period after the last one began
         # (and the last one is done), and is paced to end within 80 % of the period.
         now = self.clock()
@@ -505,7 +309,7 @@ class DigestPush:
         """Re-send the rows of each device-day the Admin lacks rows of."""
         healed: set[Key] = set()
         for key, d in sorted(differ.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-            known = doc.open.get(_key_text(key))
+            known = doc.open.get(key_text(key))
             attempts = known["a"] if known else 0
             if d["outcome"] not in HEALABLE or attempts >= self.settings.heal_attempts:
                 continue
@@ -561,11 +365,11 @@ class DigestPush:
     ) -> None:
         """What the tick found, into the state: matched device-days leave the open
         list, differing ones enter it (or stay, with their first tick kept)."""
-        checked = {_key_text(k) for k in digests}
-        asked = {_key_text((dev, day)) for day, devices in work.items() if devices for dev in devices}
+        checked = {key_text(k) for k in digests}
+        asked = {key_text((dev, day)) for day, devices in work.items() if devices for dev in devices}
         doc.pending = [p for p in doc.pending if p not in checked and p not in asked]
         for key in digests:
-            text = _key_text(key)
+            text = key_text(key)
             if key not in differ:
                 doc.open.pop(text, None)
                 continue

@@ -171,3 +171,30 @@ class PushStateStore:
     def get(self, resource: str) -> ResourceState | None:
         item = self.table.get_item(Key={"resource": resource}, ConsistentRead=True).get("Item")
         return ResourceState.from_item(item) if item else None
+
+    def document(self, resource: str, attribute: str) -> tuple[str | None, int]:
+        """A resource's document (one attribute of its item, text) and the item's version."""
+        item = self.table.get_item(Key={"resource": resource}, ConsistentRead=True).get("Item", {})
+        return item.get(attribute), int(item.get("version", 0))
+
+    def save_document(self, resource: str, attribute: str, text: str, owner: str, version: int) -> bool:
+        """Write a resource's document if we still hold the lease and nobody wrote since
+        we read ``version``; False when the lease was lost (nothing written)."""
+        try:
+            self.table.update_item(
+                Key={"resource": resource},
+                UpdateExpression="SET #doc = :doc, #version = :next, #initialized = :t",
+                ConditionExpression="#owner = :me AND #version = :v",
+                ExpressionAttributeNames={
+                    "#doc": attribute,
+                    "#version": "version",
+                    "#initialized": "initialized",
+                    "#owner": "lease_owner",
+                },
+                ExpressionAttributeValues={":doc": text, ":next": version + 1, ":v": version, ":me": owner, ":t": True},
+            )
+        except ClientError as exc:
+            if exc.response["Error"]["Code"] != "ConditionalCheckFailedException":
+                raise
+            return False
+        return True

@@ -1,0 +1,133 @@
+"""The digests' statements on the portal: the changed-days scan, a day's digests and
+a device-day's rows to re-send, for the measurements table as the source mapping and
+the catalogue have it."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg import sql
+
+from fleet.models import MEASUREMENT_FIELDS
+from fleet.push.catalogue import ResolvedTable
+from fleet.push.mapping import CURSOR_COLUMN
+from fleet.push.queries import cursor_key, number_expression
+from fleet.reconcile import RowColumns, digest_sql, row_hash_sql
+
+_FIRST_DAY, _LAST_DAY = "0001-01-02", "9999-12-30"  # what a date and RFC 3339 both hold
+_PHASES = ("legacy", "xid")
+
+# The days of the rows past the last scan's position, up to the cursor, in the
+# cursor's order (its index), a bounded chunk at a time; and the chunk's last key.
+_CHANGED = """
+WITH chunk AS MATERIALIZED (
+    SELECT {xid} AS x, {at} AS t, {device} AS d FROM {table}
+    WHERE {where} ORDER BY {order} LIMIT %(limit)s
+)
+SELECT g.d, g.day, l.x, l.t, l.d, (SELECT count(*) FROM chunk)
+FROM (SELECT x::text, t::text, d::text FROM chunk ORDER BY x DESC, t DESC, d DESC LIMIT 1) l
+LEFT JOIN (SELECT d::text AS d, (t AT TIME ZONE 'UTC')::date AS day FROM chunk
+           WHERE d IS NOT NULL AND t >= '{first}' AND t < '{last}' GROUP BY 1, 2) g ON true
+"""
+
+
+class DigestQueries:
+    """The digests' statements for the measurements table as the source mapping and
+    the catalogue have it (fleet.push.queries.MeasurementQueries is the push's own):
+    the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
+    id as text, each metric as float8 in the contract's unit, scale applied: the very
+    expressions the push sends, so the digest is that of what the ingest stores. A
+    day's rows are read by two partial indexes on (time, device id), both built
+    concurrently by the client bootstrap (fleet.migrations.prepare_cursor) on the
+    same expressions: the legacy index and the day index."""
+
+    def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:
+        def text(part: sql.Composable) -> str:
+            # Fragments of statements that take %(name)s parameters: a quoted name
+            # holding "%" must not read as one.
+            return part.as_string(conn).replace("%", "%%")
+
+        at, device = (text(e) for e in cursor_key(table))
+        self._at, self._device = at, device
+        self._xid = text(sql.Identifier("src", CURSOR_COLUMN))
+        self._metrics = tuple(text(number_expression(table, m)) for m in MEASUREMENT_FIELDS)
+        self._source = text(sql.SQL("{} AS src").format(table.ident))
+        self.table = table
+        self.columns = RowColumns(at, device, self._metrics)
+        self.digest = {(phase, some): self._digest(phase, some) for phase in _PHASES for some in (False, True)}
+        self.resend = {phase: self._resend(phase) for phase in _PHASES}
+        self.changed = {(phase, upto): self._changed(phase, upto) for phase in _PHASES for upto in (False, True)}
+
+    def _day_rows(self, phase: str, some_devices: bool, columns: str, also: str = "") -> str:
+        """The ingestible rows of one day the cursor has passed (of some devices)."""
+        at, device, xid = self._at, self._device, self._xid
+        # Rows the ingest stores: a device id of 1..64 characters, finite metrics.
+        ingestible = " AND ".join(
+            [
+                f"{device} IS NOT NULL",
+                f"length({device}) BETWEEN 1 AND 64",
+                *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in self._metrics),
+            ]
+        )
+        # Rows the measurement cursor has passed (fleet.push.source's order: legacy rows
+        # first), in two parts, each read by its own partial index on (time, device
+        # id): rows from before the cursor column (push_xid NULL: the legacy index)
+        # and the others (the day index).
+        behind = {
+            "legacy": [f"{xid} IS NULL AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)"],
+            "xid": [
+                f"{xid} IS NULL",
+                f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
+            ],
+        }
+        devices = f" AND {device} = ANY(%(devices)s::text[])" if some_devices else ""
+        return " UNION ALL ".join(
+            f"SELECT {columns} FROM {self._source} WHERE {part} AND {at} >= %(start)s AND {at} <= %(last)s"
+            f" AND {ingestible}{devices}{also}"
+            for part in behind[phase]
+        )
+
+    def _digest(self, phase: str, some_devices: bool) -> str:
+        """Each device's digest of one day (of some devices)."""
+        row = f"{self._device} AS device_id, {row_hash_sql(self.columns)} AS h"
+        rows = self._day_rows(phase, some_devices, row)
+        return f"SELECT device_id, {digest_sql('h')} FROM ({rows}) r GROUP BY device_id"
+
+    def _resend(self, phase: str) -> str:
+        """One device-day's rows after a time, as a request body: PostgreSQL's JSON of
+        the values (times with their offset, float8 in their shortest exact digits)."""
+        at = self._at
+        item = (
+            f"{at} AS t, json_build_object('time', {at}, 'device_id', {self._device}, "
+            + ", ".join(f"'{name}', {m}" for name, m in zip(MEASUREMENT_FIELDS, self._metrics, strict=True))
+            + ")::text AS item"
+        )
+        after = f" AND {at} > %(after)s::timestamptz"
+        return (
+            "SELECT count(*), max(t)::text,"
+            " '{\"items\":[' || coalesce(string_agg(item, ',' ORDER BY t), '') || ']}'"
+            f" FROM (SELECT t, item FROM ({self._day_rows(phase, True, item, after)}) u"
+            " ORDER BY t LIMIT %(limit)s) c"
+        )
+
+    def _changed(self, phase: str, upto: bool) -> str:
+        """The changed-days scan's chunk after its position (up to the cursor)."""
+        at, device, xid = self._at, self._device, self._xid
+        where = {
+            "legacy": f"{xid} IS NULL AND ({at}, {device}) > (%(pt)s::timestamptz, %(pd)s)",
+            "xid": f"{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(px)s::xid8, %(pt)s::timestamptz, %(pd)s)",
+        }[phase]
+        upto_where = {
+            "legacy": f" AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)",
+            "xid": f" AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
+        }[phase]
+        order = {"legacy": f"{at}, {device}", "xid": f"{xid}, {at}, {device}"}[phase]
+        return _CHANGED.format(
+            xid=xid,
+            at=at,
+            device=device,
+            table=self._source,
+            where=where + (upto_where if upto else ""),
+            order=order,
+            first=_FIRST_DAY,
+            last=_LAST_DAY,
+        )
