@@ -30,10 +30,10 @@ from typing import Any
 import psycopg
 from fleet import customers, push_source
 from fleet.ingest_store import IngestStore
-from fleet.profiles import ProfileSettings
 from fleet.push_digests import DigestPush, DigestSettings, DigestState, Key
 from fleet.push_source import Cursor
 from fleet.reconcile_store import compare_digests
+from fleet.schema.profiles import ProfileSettings
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
 from bench.ingest_throughput import _Ctx, _event

@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from fleet.errors import MigrationChecksumMismatch, ProfileError
-from fleet.migrations import discover, migrate, sql_dir
+from fleet.schema.files import discover, sql_dir
+from fleet.schema.migrate import migrate
 
 
 def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
@@ -219,7 +220,7 @@ def test_postgres_partition_maintenance_moves_rows_out_of_the_default(admin_db_p
 
 @pytest.mark.calendar
 def test_timescale_profile_objects(admin_db_timescale: str) -> None:
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     with psycopg.connect(admin_db_timescale, autocommit=True) as conn:
         apply_profile(conn, "timescale", ProfileSettings())
@@ -259,7 +260,7 @@ def test_timescale_profile_objects(admin_db_timescale: str) -> None:
 
 
 def test_timescale_changed_policy_settings_alter_the_jobs(admin_db_timescale: str) -> None:
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     with psycopg.connect(admin_db_timescale, autocommit=True) as conn:
         apply_profile(conn, "timescale", ProfileSettings())

@@ -27,11 +27,11 @@ import push
 import pytest
 from fleet import config, customers
 from fleet.errors import ConfigurationError
-from fleet.migrations import migrate
 from fleet.observability import metrics
 from fleet.push_mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
 from fleet.push_source import MeasurementQueries, PortalSource
 from fleet.push_state import PushStateStore
+from fleet.schema.migrate import migrate
 from fleet_local import cli
 from fleet_local.api import Route, serving
 from moto import mock_aws

@@ -24,13 +24,13 @@ import urllib3
 from contract import check_response
 from fleet import config, customers
 from fleet import push_digests as module
-from fleet.migrations import migrate
 from fleet.push_digests import DigestPush, DigestQueries, DigestSettings
 from fleet.push_mapping import parse_mapping
 from fleet.push_service import PushService
 from fleet.push_source import PortalSource
 from fleet.push_state import PushStateStore
 from fleet.push_transport import IngestClient
+from fleet.schema.migrate import migrate
 from fleet_local.api import Route, serving
 from fleet_local.status import fleet_status, render
 from moto import mock_aws

@@ -23,8 +23,8 @@ def _database_url(args: argparse.Namespace) -> str:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from fleet import db
-    from fleet.migrations import migrate
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.migrate import migrate
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     mapping = None
     if args.role == "client" and args.mapping is not None:
