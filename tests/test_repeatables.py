@@ -306,3 +306,46 @@ def test_repeatable_files_that_cannot_be_ordered_are_refused(tmp_path: Path, fil
         (folder / name).write_text("SELECT 1;")
     with pytest.raises(MigrationError, match=message):
         discover_repeatables("admin", "postgres", tmp_path)
+
+
+def test_check_and_migrate_commands_list_the_definitions(
+    empty_db: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fleet_local import cli
+
+    names = [r.path.name for r in discover_repeatables("admin", "postgres")]
+    check = ["db", "check", "--role", "admin", "--profile", "postgres", "--database-url", empty_db]
+    assert cli.main(check) == 0
+    out = capsys.readouterr().out
+    assert f"migrations: 0 applied, {len(discover('admin', 'postgres'))} pending" in out
+    assert all(f"definition to apply: {name}" in out for name in names), out
+    with psycopg.connect(empty_db) as conn:  # the check changed nothing
+        assert conn.execute("SELECT to_regnamespace('fleet_meta')").fetchone() == (None,)
+
+    migrate_cmd = ["db", "migrate", "--role", "admin", "--profile", "postgres", "--database-url", empty_db]
+    assert cli.main(migrate_cmd) == 0
+    out = capsys.readouterr().out
+    assert "applied: 001_core.sql" in out and "definition applied: 30_fleet.insert_measurements.postgres.sql" in out
+    assert cli.main(migrate_cmd) == 0
+    assert f"already applied, {len(names)} definitions unchanged)" in capsys.readouterr().out
+    assert cli.main(check) == 0
+    assert f"definitions: {len(names)} current, 0 to apply" in capsys.readouterr().out
+
+    root = copied_sql(tmp_path)
+    monkeypatch.setenv("FLEET_SQL_DIR", str(root))
+    view = root / "admin" / "repeatable" / "50_fleet.hourly_per_device.sql"
+    view.write_text(view.read_text() + "\n-- edited\n")
+    core = root / "admin" / "001_core.sql"
+    core.write_text(core.read_text() + "\n-- edited after it was applied\n")
+    assert cli.main(check) == 1
+    captured = capsys.readouterr()
+    assert "definition to apply: 50_fleet.hourly_per_device.sql" in captured.out
+    assert "error: 001_core.sql was changed after it was applied" in captured.err
+
+
+def test_bootstrap_reports_the_definitions_it_applied(empty_db: str) -> None:
+    from fleet.schema.bootstrap import bootstrap
+
+    first = bootstrap(empty_db, "admin", "postgres").as_data()
+    assert first["Definitions"].split(",") == [r.path.name for r in discover_repeatables("admin", "postgres")]
+    assert bootstrap(empty_db, "admin", "postgres").as_data()["Definitions"] == "-"

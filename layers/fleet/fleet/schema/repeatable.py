@@ -48,7 +48,7 @@ def apply_repeatables(
     for rep in files:
         # Checked at its turn: a file before it in the order may have dropped it
         # (a view replaced with other columns takes its dependent views with it).
-        if recorded.get(rep.qualified) == rep.checksum and _exists(conn, rep):
+        if _current(conn, rep, recorded):
             unchanged.append(rep.path.name)
             continue
         try:
@@ -71,18 +71,25 @@ def apply_repeatables(
     return applied, unchanged
 
 
-def _exists(conn: psycopg.Connection, rep: Repeatable) -> bool:
+def _current(conn: psycopg.Connection, rep: Repeatable, recorded: dict[str, str]) -> bool:
+    """Applied as the file now reads, and its object is there."""
+    if recorded.get(rep.qualified) != rep.checksum:
+        return False
     row = conn.execute(_EXISTS, {"qualified": rep.qualified, "schema": rep.schema, "name": rep.name}).fetchone()
     return bool(row and row[0])
 
 
-def recorded_repeatables(conn: psycopg.Connection, role: Role) -> list[tuple[str, str, str]]:
-    """What the database holds: (file, object, applied_at) per repeatable, in the order
-    of the files' names; empty before the first run that knows repeatables."""
+def repeatables_due(
+    conn: psycopg.Connection, role: Role, profile: Profile, root: Path | None = None
+) -> tuple[list[str], list[str]]:
+    """Without changing anything: the files the next run would apply (new, changed,
+    or their object missing) and those it would leave as they are."""
+    recorded: dict[str, str] = {}
     exists = conn.execute("SELECT to_regclass('fleet_meta.repeatables') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
-        return []
-    rows = conn.execute(
-        "SELECT file, name, applied_at::text FROM fleet_meta.repeatables WHERE role = %s ORDER BY file", (role,)
-    ).fetchall()
-    return [(str(f), str(n), str(a)) for f, n, a in rows]
+    if exists and exists[0]:
+        recorded = dict(conn.execute("SELECT name, checksum FROM fleet_meta.repeatables WHERE role = %s", (role,)))
+    due: list[str] = []
+    current: list[str] = []
+    for rep in discover_repeatables(role, profile, root):
+        (current if _current(conn, rep, recorded) else due).append(rep.path.name)
+    return due, current

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from fleet.errors import MigrationChecksumMismatch, MigrationError, ProfileError
 from fleet.schema.files import Profile, ProfileChoice, Role, discover
-from fleet.schema.repeatable import apply_repeatables
+from fleet.schema.repeatable import apply_repeatables, repeatables_due
 
 LOCK_KEY = "fleet.migrations"
 
@@ -32,6 +32,19 @@ CREATE TABLE IF NOT EXISTS fleet_meta.migrations (
 
 
 @dataclass
+class SchemaStatus:
+    """What a run would do, found without changing anything (``fleet db check``)."""
+
+    role: Role
+    profile: Profile
+    applied: list[str] = field(default_factory=list)
+    pending: list[str] = field(default_factory=list)
+    edited: list[str] = field(default_factory=list)  # applied, and changed since: refused by a run
+    definitions_due: list[str] = field(default_factory=list)
+    definitions_current: list[str] = field(default_factory=list)
+
+
+@dataclass
 class MigrationResult:
     role: Role
     profile: Profile
@@ -45,8 +58,7 @@ class MigrationResult:
 
 def applied_profile(conn: psycopg.Connection, role: Role) -> Profile | None:
     """The profile the database was set up with, if any migration recorded one."""
-    exists = conn.execute("SELECT to_regclass('fleet_meta.migrations') IS NOT NULL").fetchone()
-    if not exists or not exists[0]:
+    if not _has_bookkeeping(conn):
         return None
     row = conn.execute(
         "SELECT profile FROM fleet_meta.migrations WHERE role = %s AND profile IS NOT NULL LIMIT 1",
@@ -131,3 +143,30 @@ def _apply_versions(conn: psycopg.Connection, result: MigrationResult, root: Pat
             (role, mig.version, mig.name, mig.profile, mig.checksum),
         )
         result.applied.append(mig.path.name)
+
+
+def schema_status(
+    conn: psycopg.Connection, role: Role, requested: ProfileChoice = "auto", root: Path | None = None
+) -> SchemaStatus:
+    """The versioned migrations and repeatable definitions of ``role`` against the
+    database: applied, pending, edited after they were applied; read only."""
+    status = SchemaStatus(role, choose_profile(conn, role, requested))
+    recorded: dict[str, str] = {}
+    if _has_bookkeeping(conn):
+        recorded = dict(
+            conn.execute("SELECT version, checksum FROM fleet_meta.migrations WHERE role = %s", (role,)).fetchall()
+        )
+    for mig in discover(role, status.profile, root):
+        if mig.version not in recorded:
+            status.pending.append(mig.path.name)
+        elif recorded[mig.version] != mig.checksum:
+            status.edited.append(mig.path.name)
+        else:
+            status.applied.append(mig.path.name)
+    status.definitions_due, status.definitions_current = repeatables_due(conn, role, status.profile, root)
+    return status
+
+
+def _has_bookkeeping(conn: psycopg.Connection) -> bool:
+    row = conn.execute("SELECT to_regclass('fleet_meta.migrations') IS NOT NULL").fetchone()
+    return bool(row and row[0])
