@@ -179,11 +179,13 @@ def test_database_of_the_previous_files_moves_forward_keeping_its_rows(
         assert again.definitions_unchanged == result.definitions_applied
 
 
-def test_changed_repeatable_is_applied_once_and_unchanged_ones_not_at_all(empty_db: str, tmp_path: Path) -> None:
+def test_changed_repeatable_is_applied_once_and_unchanged_ones_not_at_all(
+    empty_db: str, admin_profile: str, tmp_path: Path
+) -> None:
     root = copied_sql(tmp_path)
     target = root / "admin" / "repeatable" / "30_fleet.ingest_release.sql"
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        migrate(conn, "admin", "postgres", root=root)
+        migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         versions = catalogue_versions(conn)
         recorded_before = dict(conn.execute("SELECT name, applied_at FROM fleet_meta.repeatables").fetchall())
         target.write_text(
@@ -192,7 +194,7 @@ def test_changed_repeatable_is_applied_once_and_unchanged_ones_not_at_all(empty_
             )
         )
 
-        changed = migrate(conn, "admin", "postgres", root=root)
+        changed = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert changed.applied == []
         assert changed.definitions_applied == ["30_fleet.ingest_release.sql"]
         assert (
@@ -209,16 +211,18 @@ def test_changed_repeatable_is_applied_once_and_unchanged_ones_not_at_all(empty_
             k: v for k, v in recorded_before.items() if k != "fleet.ingest_release"
         }
 
-        once = migrate(conn, "admin", "postgres", root=root)
+        once = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert once.definitions_applied == []
         assert catalogue_versions(conn) == after
 
 
-def test_broken_repeatable_rolls_the_whole_run_back_naming_the_file(empty_db: str, tmp_path: Path) -> None:
+def test_broken_repeatable_rolls_the_whole_run_back_naming_the_file(
+    empty_db: str, admin_profile: str, tmp_path: Path
+) -> None:
     root = copied_sql(tmp_path)
     target = root / "admin" / "repeatable" / "30_fleet.ingest_admit.sql"
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        migrate(conn, "admin", "postgres", root=root)
+        migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         before = definitions(conn)
         checksums = dict(conn.execute("SELECT name, checksum FROM fleet_meta.repeatables").fetchall())
         (root / "admin" / "999_extra.sql").write_text("CREATE TABLE fleet.extra (id int);")
@@ -226,7 +230,7 @@ def test_broken_repeatable_rolls_the_whole_run_back_naming_the_file(empty_db: st
         target.write_text(good.replace("RETURN ticket;", "RETURN ticket"))  # plpgsql: a syntax error
 
         with pytest.raises(MigrationError, match=r"admin repeatable definition 30_fleet\.ingest_admit\.sql failed"):
-            migrate(conn, "admin", "postgres", root=root)
+            migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
         assert conn.execute("SELECT to_regclass('fleet.extra')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM fleet_meta.migrations WHERE version = '999'").fetchone() == (0,)
@@ -234,7 +238,7 @@ def test_broken_repeatable_rolls_the_whole_run_back_naming_the_file(empty_db: st
         assert definitions(conn) == before
 
         target.write_text(good)
-        fixed = migrate(conn, "admin", "postgres", root=root)
+        fixed = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert fixed.applied == ["999_extra.sql"] and fixed.definitions_applied == []
 
 
@@ -245,25 +249,27 @@ FROM fleet.hourly_per_device GROUP BY 1, 2, 3;
 """
 
 
-def test_view_replaced_with_other_columns_brings_its_dependent_views_back(empty_db: str, tmp_path: Path) -> None:
+def test_view_replaced_with_other_columns_brings_its_dependent_views_back(
+    empty_db: str, admin_profile: str, tmp_path: Path
+) -> None:
     root = copied_sql(tmp_path)
     folder = root / "admin" / "repeatable"
     (folder / "60_fleet.daily_per_device.sql").write_text(_DAILY)
     hourly = folder / "50_fleet.hourly_per_device.sql"
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        first = migrate(conn, "admin", "postgres", root=root)
+        first = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert first.definitions_applied[-1] == "60_fleet.daily_per_device.sql"
         # CREATE OR REPLACE VIEW cannot change a column's type: the run says which file.
         retyped = hourly.read_text().replace("x.energy_wh\nFROM", "x.energy_wh::numeric AS energy_wh\nFROM")
         assert retyped != hourly.read_text()
         hourly.write_text(retyped)
         with pytest.raises(MigrationError, match=r"50_fleet\.hourly_per_device\.sql failed"):
-            migrate(conn, "admin", "postgres", root=root)
+            migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         # The rule: the file drops the view and the project's views on it, by name.
         hourly.write_text(
             "DROP VIEW IF EXISTS fleet.daily_per_device;\nDROP VIEW IF EXISTS fleet.hourly_per_device;\n" + retyped
         )
-        result = migrate(conn, "admin", "postgres", root=root)
+        result = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert result.definitions_applied == ["50_fleet.hourly_per_device.sql", "60_fleet.daily_per_device.sql"]
         types = dict(
             conn.execute(
@@ -273,19 +279,21 @@ def test_view_replaced_with_other_columns_brings_its_dependent_views_back(empty_
             ).fetchall()
         )
         assert types == {"fleet.hourly_per_device": "numeric", "fleet.daily_per_device": "numeric"}
-        assert migrate(conn, "admin", "postgres", root=root).definitions_applied == []
+        assert migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type].definitions_applied == []
 
 
-def test_missing_object_is_created_again_and_a_removed_file_forgets_its_record(empty_db: str, tmp_path: Path) -> None:
+def test_missing_object_is_created_again_and_a_removed_file_forgets_its_record(
+    empty_db: str, admin_profile: str, tmp_path: Path
+) -> None:
     root = copied_sql(tmp_path)
     with psycopg.connect(empty_db, autocommit=True) as conn:
-        migrate(conn, "admin", "postgres", root=root)
+        migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         conn.execute("DROP FUNCTION fleet.ingest_release(text, timestamptz)")
-        again = migrate(conn, "admin", "postgres", root=root)
+        again = migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         assert again.definitions_applied == ["30_fleet.ingest_release.sql"]
         assert conn.execute("SELECT to_regproc('fleet.ingest_release') IS NOT NULL").fetchone() == (True,)
         (root / "admin" / "repeatable" / "30_fleet.ingest_release.sql").unlink()
-        migrate(conn, "admin", "postgres", root=root)
+        migrate(conn, "admin", admin_profile, root=root)  # type: ignore[arg-type]
         names = {row[0] for row in conn.execute("SELECT name FROM fleet_meta.repeatables")}
         assert "fleet.ingest_release" not in names and "fleet.ingest_admit" in names
 
@@ -349,3 +357,16 @@ def test_bootstrap_reports_the_definitions_it_applied(empty_db: str) -> None:
     first = bootstrap(empty_db, "admin", "postgres").as_data()
     assert first["Definitions"].split(",") == [r.path.name for r in discover_repeatables("admin", "postgres")]
     assert bootstrap(empty_db, "admin", "postgres").as_data()["Definitions"] == "-"
+
+
+def test_sql_dir_finds_the_definitions_in_the_repo_and_in_the_built_layer() -> None:
+    from fleet.schema import files
+
+    assert sql_dir().resolve() == (ROOT / "sql").resolve()
+    # Without the package's sql link (a checkout that keeps no symlinks): the repo's.
+    assert Path(files.__file__).resolve().parents[4] / "sql" == ROOT / "sql"
+    built = ROOT / ".aws-sam" / "build" / "FleetLayer" / "python" / "fleet" / "sql"
+    if built.is_dir():  # after `make build`: the layer carries sql/ as the repo has it
+        ours = {p.relative_to(ROOT / "sql"): p.read_bytes() for p in (ROOT / "sql").rglob("*.sql")}
+        shipped = {p.relative_to(built): p.read_bytes() for p in built.rglob("*.sql")}
+        assert shipped == ours

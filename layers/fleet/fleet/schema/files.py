@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, cast
 
+import psycopg
+
 from fleet.errors import MigrationError
 
 Role = Literal["admin", "client"]
@@ -52,6 +54,13 @@ class SqlFile:
     @property
     def checksum(self) -> str:
         return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def run(self, conn: psycopg.Connection, kind: str) -> None:
+        """Execute the file in the caller's transaction; a failure names the file."""
+        try:
+            conn.execute(self.sql.encode())
+        except psycopg.Error as exc:
+            raise MigrationError(f"{self.role} {kind} {self.path.name} failed: {exc}") from exc
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import psycopg
 
-from fleet.errors import MigrationError
 from fleet.schema.files import Profile, Repeatable, Role, discover_repeatables
 
 _BOOKKEEPING = """
@@ -51,10 +50,7 @@ def apply_repeatables(
         if _current(conn, rep, recorded):
             unchanged.append(rep.path.name)
             continue
-        try:
-            conn.execute(rep.sql.encode())
-        except psycopg.Error as exc:
-            raise MigrationError(f"{role} repeatable definition {rep.path.name} failed: {exc}") from exc
+        rep.run(conn, "repeatable definition")
         conn.execute(
             "INSERT INTO fleet_meta.repeatables (role, name, file, checksum) VALUES (%s, %s, %s, %s)"
             " ON CONFLICT (role, name) DO UPDATE SET file = excluded.file, checksum = excluded.checksum,"

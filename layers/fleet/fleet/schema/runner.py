@@ -11,10 +11,11 @@ from pathlib import Path
 import psycopg
 from psycopg import sql
 
-from fleet.errors import MigrationChecksumMismatch, MigrationError, ProfileError
+from fleet.errors import MigrationChecksumMismatch, ProfileError
 from fleet.schema.files import Profile, ProfileChoice, Role, discover
 from fleet.schema.repeatable import apply_repeatables, repeatables_due
 
+# The advisory lock's key: the same in every release, so that old and new code serialise.
 LOCK_KEY = "fleet.migrations"
 
 _BOOKKEEPING = """
@@ -134,10 +135,7 @@ def _apply_versions(conn: psycopg.Connection, result: MigrationResult, root: Pat
                 )
             result.already_applied.append(mig.path.name)
             continue
-        try:
-            conn.execute(mig.sql.encode())
-        except psycopg.Error as exc:
-            raise MigrationError(f"{role} migration {mig.path.name} failed: {exc}") from exc
+        mig.run(conn, "migration")
         conn.execute(
             "INSERT INTO fleet_meta.migrations (role, version, name, profile, checksum) VALUES (%s, %s, %s, %s, %s)",
             (role, mig.version, mig.name, mig.profile, mig.checksum),
