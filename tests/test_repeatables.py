@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import PgServer
 from fleet.errors import MigrationError
 from fleet.schema.files import discover, discover_repeatables, sql_dir
 from fleet.schema.migrate import migrate
@@ -124,7 +123,7 @@ def test_every_function_and_view_has_one_repeatable_file_per_profile() -> None:
 
 
 def test_fresh_database_gets_the_same_definitions_as_the_previous_files_made(
-    pg_server: PgServer, empty_db: str, admin_profile: str, tmp_path: Path
+    pg_server, empty_db: str, admin_profile: str, tmp_path: Path
 ) -> None:
     old_db = pg_server.create_database(prefix="prev")
     try:
