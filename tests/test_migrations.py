@@ -12,7 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from fleet.errors import MigrationChecksumMismatch, ProfileError
-from fleet.schema.files import discover, sql_dir
+from fleet.schema.files import discover, discover_repeatables, sql_dir
 from fleet.schema.migrate import migrate
 
 
@@ -84,6 +84,9 @@ def test_two_concurrent_applies_both_succeed_and_one_does_the_work(empty_db: str
     applied = sorted(len(r.applied) for r in results)  # type: ignore[attr-defined]
     assert applied[0] == 0
     assert applied[1] == len(discover("admin", "postgres"))
+    # The repeatable definitions too: the run that waited found them current.
+    definitions = sorted(len(r.definitions_applied) for r in results)  # type: ignore[attr-defined]
+    assert definitions == [0, len(discover_repeatables("admin", "postgres"))]
 
 
 def test_profile_cannot_be_switched_in_place(admin_db_postgres: str, pg_server) -> None:
