@@ -122,6 +122,14 @@ def test_every_function_and_view_has_one_repeatable_file_per_profile() -> None:
     assert discover_repeatables("client", "postgres") == []
 
 
+def test_the_portal_database_gets_no_definitions_and_no_bookkeeping_for_them(empty_db: str) -> None:
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        result = migrate(conn, "client")
+        assert result.applied == ["001_monitoring.sql"]
+        assert result.definitions_applied == [] and result.definitions_unchanged == []
+        assert conn.execute("SELECT to_regclass('fleet_meta.repeatables')").fetchone() == (None,)
+
+
 def test_fresh_database_gets_the_same_definitions_as_the_previous_files_made(
     pg_server, empty_db: str, admin_profile: str, tmp_path: Path
 ) -> None:

@@ -37,11 +37,11 @@ def apply_repeatables(
     the caller's transaction; returns the files applied and those left as they were.
     A file that fails raises MigrationError naming it (the caller's transaction then
     rolls back, with the versioned migrations of the same run)."""
-    conn.execute(_BOOKKEEPING)
-    recorded: dict[str, str] = dict(
-        conn.execute("SELECT name, checksum FROM fleet_meta.repeatables WHERE role = %s", (role,))
-    )
     files = discover_repeatables(role, profile, root)
+    if not files and not _recorded(conn, role):
+        return [], []  # a role without definitions (the client's portal) gets no bookkeeping table
+    conn.execute(_BOOKKEEPING)
+    recorded = _recorded(conn, role)
     applied: list[str] = []
     unchanged: list[str] = []
     for rep in files:
@@ -67,6 +67,15 @@ def apply_repeatables(
     return applied, unchanged
 
 
+def _recorded(conn: psycopg.Connection, role: Role) -> dict[str, str]:
+    """The checksum each object's file had when it was last applied (none before the
+    first run that knew repeatable definitions)."""
+    exists = conn.execute("SELECT to_regclass('fleet_meta.repeatables') IS NOT NULL").fetchone()
+    if not exists or not exists[0]:
+        return {}
+    return dict(conn.execute("SELECT name, checksum FROM fleet_meta.repeatables WHERE role = %s", (role,)).fetchall())
+
+
 def _current(conn: psycopg.Connection, rep: Repeatable, recorded: dict[str, str]) -> bool:
     """Applied as the file now reads, and its object is there."""
     if recorded.get(rep.qualified) != rep.checksum:
@@ -80,10 +89,7 @@ def repeatables_due(
 ) -> tuple[list[str], list[str]]:
     """Without changing anything: the files the next run would apply (new, changed,
     or their object missing) and those it would leave as they are."""
-    recorded: dict[str, str] = {}
-    exists = conn.execute("SELECT to_regclass('fleet_meta.repeatables') IS NOT NULL").fetchone()
-    if exists and exists[0]:
-        recorded = dict(conn.execute("SELECT name, checksum FROM fleet_meta.repeatables WHERE role = %s", (role,)))
+    recorded = _recorded(conn, role)
     due: list[str] = []
     current: list[str] = []
     for rep in discover_repeatables(role, profile, root):
