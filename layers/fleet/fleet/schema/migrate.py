@@ -31,16 +31,16 @@ Rules for changing a repeatable:
   (``DROP FUNCTION IF EXISTS fleet.f(old argument types);``), or CREATE OR REPLACE
   would add an overload beside it (or refuse the new return type).
 - A view may gain columns at the end (CREATE OR REPLACE VIEW allows that and no
-  more). To rename, retype, reorder or remove columns, the view's file drops it
-  first (``DROP VIEW IF EXISTS fleet.v;``) and the project's views built on it
-  before it, by name: those come later in the order and their objects are then
-  missing, so they are created again in the same transaction. No CASCADE: a view
-  someone built on ours outside the project makes the run fail loudly instead of
-  vanishing.
-- A function a continuous aggregate uses (fleet.power_scaled, fleet.register_rise):
-  its materialised buckets keep the old results until refreshed; such a change comes
-  with a versioned migration that queues the history for a refresh
-  (fleet.hourly_refresh_queue).
+  more). To rename, retype, reorder or remove columns, the view's file first drops,
+  by name, the project's views built on it and then the view itself
+  (``DROP VIEW IF EXISTS fleet.v;``): the dependent views come later in the order
+  and their objects are then missing, so they are created again in the same
+  transaction. No CASCADE: a view someone built on ours outside the project makes
+  the run fail loudly instead of vanishing.
+- A function the continuous aggregate uses (fleet.power_scaled, fleet.register_rise
+  and the functions they call): its materialised buckets keep the old results until
+  refreshed, so such a change comes with a versioned migration that queues the
+  history for a refresh (fleet.hourly_refresh_queue).
 - A versioned migration runs before the repeatables, so it can use only what
   earlier versioned migrations (or the repeatables of an earlier run) made; a new
   object it needs is created by the migration itself.
