@@ -17,7 +17,8 @@ from types import ModuleType
 from typing import Any
 
 import psycopg
-from fleet.migrations import migrate, timescaledb_offered
+from fleet.schema.migrate import migrate
+from fleet.schema.runner import timescaledb_offered
 from fleet_local.cluster import LocalCluster
 from psycopg import sql
 

@@ -31,11 +31,11 @@ import psycopg
 from fleet import customers
 from fleet.ingest.digests import compare_digests
 from fleet.ingest.store import IngestStore
-from fleet.profiles import ProfileSettings
 from fleet.push import source as push_source
 from fleet.push.cursor import Cursor
 from fleet.push.digest_state import DigestSettings, DigestState, Key
 from fleet.push.digests import DigestPush
+from fleet.schema.profiles import ProfileSettings
 
 from bench.common import database, gzip_body, load_handler, measurement_rows, save, server, summary
 from bench.ingest_throughput import _Ctx, _event

@@ -18,7 +18,9 @@ from typing import Any
 
 import psycopg
 import pytest
-from fleet.migrations import Profile, Role, migrate, timescaledb_offered
+from fleet.schema.files import Profile, Role
+from fleet.schema.migrate import migrate
+from fleet.schema.runner import timescaledb_offered
 from fleet_local.cluster import LocalCluster, timescaledb_installed
 from psycopg import sql
 

@@ -13,9 +13,9 @@ import bootstrap
 import psycopg
 import pytest
 from fleet import config
-from fleet.bootstrap_service import maintain
-from fleet.migrations import migrate
-from fleet.profiles import ProfileSettings, apply_profile
+from fleet.schema.bootstrap import maintain
+from fleet.schema.migrate import migrate
+from fleet.schema.profiles import ProfileSettings, apply_profile
 from fleet_local.cluster import LocalCluster
 from fleet_local.status import failed_background_jobs, fleet_status, render
 from support import FakeLambdaContext, load_event

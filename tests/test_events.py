@@ -13,7 +13,7 @@ import pytest
 from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import APIGatewayProxyEventV2Model, EventBridgeModel
 from contract import check_response, request_schema
-from fleet.custom_resource import parse_event
+from fleet.schema.custom_resource import parse_event
 from support import EVENTS
 
 ALL = sorted(p.relative_to(EVENTS).as_posix() for p in EVENTS.rglob("*.json"))

@@ -14,7 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 from fleet import customers
-from fleet.bootstrap_service import maintain
+from fleet.schema.bootstrap import maintain
 from hourly_reference import Hour, hour_of, hourly, total_rise
 from test_ingest import IngestClient, _client, m
 
@@ -278,7 +278,7 @@ def _hour_count(api: IngestClient, device: str, hour: datetime) -> int:
 def test_a_row_in_the_current_hour_is_seen_at_once_before_and_after_maintenance(
     api: IngestClient, admin_profile: str
 ) -> None:
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     with psycopg.connect(api.url, autocommit=True) as conn:
         apply_profile(conn, admin_profile, ProfileSettings())  # type: ignore[arg-type]

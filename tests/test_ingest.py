@@ -628,7 +628,7 @@ def _hourly(api: IngestClient, device: str) -> list[tuple[Any, ...]]:
 
 
 def _refresh(api: IngestClient) -> None:
-    from fleet.bootstrap_service import maintain
+    from fleet.schema.bootstrap import maintain
 
     maintain(api.url)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 import psycopg
 import pytest
 from fleet.errors import MigrationChecksumMismatch, ProfileError
-from fleet.migrations import discover, migrate, sql_dir
+from fleet.schema.files import discover, discover_repeatables, sql_dir
+from fleet.schema.migrate import migrate
 
 
 def _count(conn: psycopg.Connection, query: str, *params: object) -> int:
@@ -83,6 +84,9 @@ def test_two_concurrent_applies_both_succeed_and_one_does_the_work(empty_db: str
     applied = sorted(len(r.applied) for r in results)  # type: ignore[attr-defined]
     assert applied[0] == 0
     assert applied[1] == len(discover("admin", "postgres"))
+    # The repeatable definitions too: the run that waited found them current.
+    definitions = sorted(len(r.definitions_applied) for r in results)  # type: ignore[attr-defined]
+    assert definitions == [0, len(discover_repeatables("admin", "postgres"))]
 
 
 def test_profile_cannot_be_switched_in_place(admin_db_postgres: str, pg_server) -> None:
@@ -219,7 +223,7 @@ def test_postgres_partition_maintenance_moves_rows_out_of_the_default(admin_db_p
 
 @pytest.mark.calendar
 def test_timescale_profile_objects(admin_db_timescale: str) -> None:
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     with psycopg.connect(admin_db_timescale, autocommit=True) as conn:
         apply_profile(conn, "timescale", ProfileSettings())
@@ -259,7 +263,7 @@ def test_timescale_profile_objects(admin_db_timescale: str) -> None:
 
 
 def test_timescale_changed_policy_settings_alter_the_jobs(admin_db_timescale: str) -> None:
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     with psycopg.connect(admin_db_timescale, autocommit=True) as conn:
         apply_profile(conn, "timescale", ProfileSettings())

@@ -24,12 +24,12 @@ import psycopg
 import pytest
 from fleet import config
 from fleet.errors import ConfigurationError
-from fleet.migrations import migrate
 from fleet.observability import metrics
 from fleet.push.mapping import DEFAULT_MAPPING, MappingError, SourceMapping, load_mapping, parse_mapping
 from fleet.push.queries import MeasurementQueries
 from fleet.push.source import PortalSource
 from fleet.push.state import PushStateStore
+from fleet.schema.migrate import migrate
 from fleet_local import cli
 from support import Clock, drain, ingest_serving, make_push_service
 

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 
 import psycopg
 import pytest
-from fleet import migrations
-from fleet.migrations import migrate
 from fleet.push.catalogue import check
 from fleet.push.mapping import DEFAULT_MAPPING
+from fleet.schema import portal
+from fleet.schema.migrate import migrate
 
 # A portal as it was before the project's migrations: the default names, no
 # received_at, no push_xid, and many rows.
@@ -164,7 +164,7 @@ def test_the_cursor_column_waits_out_a_long_transaction_without_queueing_inserts
     with psycopg.connect(empty_db, autocommit=True) as conn:
         conn.execute(OLD_PORTAL)
         conn.execute(OLD_ROWS, (1000,))
-    monkeypatch.setattr(migrations, "ALTER_ATTEMPTS", 1000)
+    monkeypatch.setattr(portal, "ALTER_ATTEMPTS", 1000)
     writer = Writer(empty_db)
     with psycopg.connect(empty_db) as long_one, writer.running():
         long_one.execute("SELECT count(*) FROM monitoring.power_measurements")  # holds its lock till the end

@@ -19,7 +19,6 @@ import psycopg
 import pytest
 import urllib3
 from contract import check_response
-from fleet.migrations import migrate
 from fleet.push import digests as module
 from fleet.push.digest_queries import DigestQueries
 from fleet.push.digest_state import DigestSettings
@@ -29,6 +28,7 @@ from fleet.push.service import PushService
 from fleet.push.source import PortalSource
 from fleet.push.state import PushStateStore
 from fleet.push.transport import IngestClient
+from fleet.schema.migrate import migrate
 from fleet_local.status import fleet_status, render
 from support import INGEST_PATH, Clock, ingest_serving, make_push_service
 from test_portal_mapping import EF_CORE_MAPPING, EF_CORE_SCHEMA

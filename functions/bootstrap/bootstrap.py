@@ -9,10 +9,10 @@ from aws_lambda_powertools.utilities.parser import parse
 from aws_lambda_powertools.utilities.parser.models import EventBridgeModel
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from fleet import config, db
-from fleet.bootstrap_service import bootstrap, maintain
-from fleet.custom_resource import respond
 from fleet.observability import logger, metrics, tracer
-from fleet.profiles import ProfileSettings
+from fleet.schema.bootstrap import bootstrap, maintain
+from fleet.schema.custom_resource import respond
+from fleet.schema.profiles import ProfileSettings
 
 
 def _physical_id(role: str) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 import boto3
 import psycopg
 import pytest
-from fleet.migrations import migrate
+from fleet.schema.migrate import migrate
 from fleet_local.cluster import LocalCluster
 from harness import INGEST_PATH, Clock, admin_api, drain, new_token, tally, write_numbered
 from moto import mock_aws

@@ -23,8 +23,8 @@ def _database_url(args: argparse.Namespace) -> str:
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
     from fleet import db
-    from fleet.migrations import migrate
-    from fleet.profiles import ProfileSettings, apply_profile
+    from fleet.schema.migrate import migrate
+    from fleet.schema.profiles import ProfileSettings, apply_profile
 
     mapping = None
     if args.role == "client" and args.mapping is not None:
@@ -40,8 +40,13 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
     print(f"profile: {result.profile}")
     for name in result.applied:
         print(f"applied: {name}")
-    if not result.applied:
-        print(f"nothing to apply ({len(result.already_applied)} migrations already applied)")
+    for name in result.definitions_applied:
+        print(f"definition applied: {name}")
+    if not result.applied and not result.definitions_applied:
+        print(
+            f"nothing to apply ({len(result.already_applied)} migrations already applied,"
+            f" {len(result.definitions_unchanged)} definitions unchanged)"
+        )
     for change in changes:
         print(f"profile set-up: {change}")
     for change in result.changes:
@@ -52,7 +57,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
-    """The client's source mapping against the portal database's catalogue."""
+    """Admin: what a migration would apply. Client: the source mapping against the
+    portal database's catalogue."""
+    if args.role == "admin":
+        return _check_admin(args)
     from fleet import db
     from fleet.push.catalogue import check
     from fleet.push.mapping import configured_mapping, load_mapping
@@ -76,6 +84,26 @@ def _cmd_check(args: argparse.Namespace) -> int:
         return 1
     print("the source mapping fits the portal database")
     return 0
+
+
+def _check_admin(args: argparse.Namespace) -> int:
+    """The versioned migrations and repeatable definitions against the Admin database,
+    changing nothing."""
+    from fleet import db
+    from fleet.schema.runner import schema_status
+
+    with db.connect(_database_url(args)) as conn:
+        status = schema_status(conn, "admin", args.profile)
+    print(f"profile: {status.profile}")
+    print(f"migrations: {len(status.applied)} applied, {len(status.pending)} pending")
+    for name in status.pending:
+        print(f"pending: {name}")
+    print(f"definitions: {len(status.definitions_current)} current, {len(status.definitions_due)} to apply")
+    for name in status.definitions_due:
+        print(f"definition to apply: {name}")
+    for name in status.edited:
+        print(f"error: {name} was changed after it was applied; a migration refuses it", file=sys.stderr)
+    return 1 if status.edited else 0
 
 
 def _cmd_customers(args: argparse.Namespace) -> int:
@@ -129,9 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--database-url")
     mig.add_argument("--mapping", help=f"client: {_MAPPING_HELP}")
     mig.set_defaults(func=_cmd_migrate)
-    chk = dbp.add_parser("check", help="check the client's source mapping against the portal database")
-    chk.add_argument("--role", choices=["client"], required=True)
-    chk.add_argument("--mapping", help=_MAPPING_HELP)
+    chk = dbp.add_parser(
+        "check", help="admin: what a migration would apply; client: the source mapping against the portal database"
+    )
+    chk.add_argument("--role", choices=["admin", "client"], required=True)
+    chk.add_argument("--profile", choices=["auto", "timescale", "postgres"], default="auto", help="admin only")
+    chk.add_argument("--mapping", help=f"client: {_MAPPING_HELP}")
     chk.add_argument("--database-url")
     chk.set_defaults(func=_cmd_check)
 

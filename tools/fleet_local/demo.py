@@ -199,6 +199,7 @@ def _admin_side(
     reply = _bootstrap(admin)
     result.profile = reply["Data"]["Profile"]
     _say(out, f"  Admin profile: {result.profile}; applied {reply['Data']['Applied']}")
+    _say(out, f"  definitions applied: {reply['Data'].get('Definitions', '-')}")
     _say(out, f"registering customer {CUSTOMER} through CustomerAdminFunction")
     created = admin.invoke("CustomerAdminFunction", {"action": "create", "customer_id": CUSTOMER, "name": "Demo"})
     if not created.get("ok"):

@@ -63,7 +63,7 @@ def embedded_database(role: str, existing_url: str | None = None, profile: str =
     """``DATABASE_URL`` when given; else a throwaway cluster with a database
     migrated in ``profile``, an Admin one with the sample customer registered."""
     from fleet import db
-    from fleet.migrations import migrate
+    from fleet.schema.migrate import migrate
     from psycopg import sql
 
     from fleet_local.cluster import LocalCluster

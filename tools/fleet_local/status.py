@@ -7,7 +7,7 @@ from typing import Any
 
 import psycopg
 from fleet.ingest import digests
-from fleet.profiles import FailedJob, failed_jobs
+from fleet.schema.profiles import FailedJob, failed_jobs
 
 # Per customer, from the audit trail (indexed by customer and time) rather than a
 # scan of the measurements: measurement rows accepted in the last hour and day, the

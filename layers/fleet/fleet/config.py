@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from fleet.errors import ConfigurationError
-from fleet.migrations import ProfileChoice, Role
+from fleet.schema.files import ProfileChoice, Role
 
 if TYPE_CHECKING:
     from fleet.push.mapping import SourceMapping

@@ -37,7 +37,7 @@ class DigestQueries:
     id as text, each metric as float8 in the contract's unit, scale applied: the very
     expressions the push sends, so the digest is that of what the ingest stores. A
     day's rows are read by two partial indexes on (time, device id), both built
-    concurrently by the client bootstrap (fleet.migrations.prepare_cursor) on the
+    concurrently by the client bootstrap (fleet.schema.portal.prepare_cursor) on the
     same expressions: the legacy index and the day index."""
 
     def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:

@@ -5,7 +5,7 @@ Every expression comes from psycopg.sql (identifiers and literals quoted by it),
 from the table as the catalogue has it. The cursor's key is (push_xid, time, device
 id) in the form it is sent: time as timestamptz (a ``timestamp`` column read in the
 mapping's zone), the device id as text. The cursor index is built on those very
-expressions (fleet.migrations), so the keyset and ORDER BY use it, and a key read
+expressions (fleet.schema.portal), so the keyset and ORDER BY use it, and a key read
 back from the cursor compares exactly as it was sent, whatever the column's type.
 
 Output columns are aliased x, t, d, m0..m5, and the table's columns are referred to

@@ -3,13 +3,15 @@ profile set-up for a stack's role, and the Admin database's scheduled maintenanc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fleet import db
-from fleet.migrations import ProfileChoice, Role, applied_profile, migrate
-from fleet.profiles import ProfileSettings, apply_profile, ensure_partitions, failed_jobs, refresh_queued_ranges
 from fleet.push.mapping import SourceMapping
+from fleet.schema.files import ProfileChoice, Role
+from fleet.schema.migrate import migrate
+from fleet.schema.profiles import ProfileSettings, apply_profile, ensure_partitions, failed_jobs, refresh_queued_ranges
+from fleet.schema.runner import applied_profile
 
 
 @dataclass
@@ -19,6 +21,7 @@ class BootstrapOutcome:
     applied: list[str]
     already_applied: list[str]
     changes: list[str]
+    definitions: list[str] = field(default_factory=list)  # repeatable definitions (re-)applied
 
     def as_data(self) -> dict[str, Any]:
         """Custom-resource Data (values must be strings for Fn::GetAtt)."""
@@ -26,6 +29,7 @@ class BootstrapOutcome:
             "Role": self.role,
             "Profile": self.profile,
             "Applied": ",".join(self.applied) or "-",
+            "Definitions": ",".join(self.definitions)[:1000] or "-",
             "Changes": "; ".join(self.changes)[:1000] or "-",
         }
 
@@ -46,7 +50,9 @@ def bootstrap(
         changes: list[str] = result.changes + [f"notice: {n}" for n in result.notices]
         if role == "admin":
             changes = apply_profile(conn, result.profile, settings).changes
-    return BootstrapOutcome(role, result.profile, result.applied, result.already_applied, changes)
+    return BootstrapOutcome(
+        role, result.profile, result.applied, result.already_applied, changes, result.definitions_applied
+    )
 
 
 def maintain(

@@ -23,7 +23,7 @@ from typing import Any
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field
 
-from fleet.migrations import Profile
+from fleet.schema.files import Profile
 
 
 class ProfileSettings(BaseModel):
