@@ -95,6 +95,26 @@ def test_the_layout_table_matches_the_tree() -> None:
     assert {"layers/fleet/", "tools/fleet_local/"} <= set(paths)
 
 
+def test_the_module_table_names_every_module_and_only_modules_that_exist() -> None:
+    text = README.read_text()
+    table = text[text.index("### Inside the runtime package and the local tool") :].split("\n\n")[2]
+    named: set[str] = set()
+    for row in table.splitlines()[2:]:
+        first = re.match(r"\| `([^`]+)`", row)[1]  # type: ignore[index]
+        folder = first.rsplit("/", 1)[0]
+        named.add(first)
+        named |= {f"{folder}/{m}" for m in re.findall(r"`([a-z_]+\.py)`", row.split("|")[2])}
+    missing = sorted(p for p in named if not (ROOT / p).is_file())
+    assert not missing, f"the module table names modules that do not exist: {missing}"
+    modules = {
+        str(p.relative_to(ROOT))
+        for base in ("layers/fleet/fleet", "tools/fleet_local")
+        for p in (ROOT / base).rglob("*.py")
+        if p.name != "__init__.py" and "__pycache__" not in p.parts and "sql" not in p.parts
+    }
+    assert modules - named == set(), f"modules missing from the README's module table: {sorted(modules - named)}"
+
+
 def _copy_of_the_tree(dest: Path) -> None:
     """What a fresh clone of this working tree holds: the files git tracks (with
     their uncommitted changes) and new files it does not ignore; nothing else."""
