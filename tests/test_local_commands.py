@@ -131,6 +131,21 @@ def test_customer_options_work_after_the_action(admin_db_postgres: str, capsys: 
     assert (row["id"], row["status"]) == ("DEV0001", "disabled")
 
 
+def test_the_database_option_works_before_the_command_too(
+    admin_db_postgres: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DATABASE_URL", raising=False)
+    url = admin_db_postgres
+    assert main(["--database-url", url, "customers", "create", "DEV0002", "--name", "Dev", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["--database-url", url, "customers", "list", "--json"]) == 0
+    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == ["DEV0002"]
+    assert main(["--database-url", url, "db", "check", "--role", "admin"]) == 0
+    assert main(["--database-url", url, "status"]) == 0
+    with pytest.raises(SystemExit, match="no database"):
+        main(["customers", "list"])
+
+
 def _postmaster_pid(where: Path) -> int:
     (pidfile,) = where.glob("fleet-pg-*/data/postmaster.pid")
     return int(pidfile.read_text().split()[0])

@@ -148,13 +148,15 @@ _MAPPING_HELP = "the source mapping file (default: PUSH_SOURCE_MAPPING, else the
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleet", description=__doc__)
+    # Before the command or after it: ``fleet --database-url URL customers list`` too.
+    parser.add_argument("--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL")
     sub = parser.add_subparsers(dest="command", required=True)
 
     dbp = sub.add_parser("db", help="database migrations").add_subparsers(dest="db_command", required=True)
     mig = dbp.add_parser("migrate", help="apply the migrations of a role")
     mig.add_argument("--role", choices=["admin", "client"], required=True)
     mig.add_argument("--profile", choices=["auto", "timescale", "postgres"], default="auto")
-    mig.add_argument("--database-url")
+    mig.add_argument("--database-url", default=argparse.SUPPRESS)
     mig.add_argument("--mapping", help=f"client: {_MAPPING_HELP}")
     mig.set_defaults(func=_cmd_migrate)
     chk = dbp.add_parser(
@@ -163,11 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     chk.add_argument("--role", choices=["admin", "client"], required=True)
     chk.add_argument("--profile", choices=["auto", "timescale", "postgres"], default="auto", help="admin only")
     chk.add_argument("--mapping", help=f"client: {_MAPPING_HELP}")
-    chk.add_argument("--database-url")
+    chk.add_argument("--database-url", default=argparse.SUPPRESS)
     chk.set_defaults(func=_cmd_check)
 
     cust = sub.add_parser("customers", help="customer administration (Admin database)")
-    cust.add_argument("--database-url")
+    cust.add_argument("--database-url", default=argparse.SUPPRESS)
     csub = cust.add_subparsers(dest="action", required=True)
     create = csub.add_parser("create", help="create a customer and print its token once")
     create.add_argument("id")

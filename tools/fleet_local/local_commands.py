@@ -38,11 +38,15 @@ def register(sub: Any) -> None:
     sched.set_defaults(func=_ends_cleanly(_cmd_schedule, stopped=0))
 
     demo = sub.add_parser("demo", help="end-to-end demo on one host (what `make demo` runs)")
-    demo.add_argument("--database-url", help="a server to create the demo databases on (default: a throwaway cluster)")
+    demo.add_argument(
+        "--database-url",
+        default=argparse.SUPPRESS,
+        help="a server to create the demo databases on (default: a throwaway cluster)",
+    )
     demo.set_defaults(func=_ends_cleanly(_cmd_demo))
 
     status = sub.add_parser("status", help="fleet overview from the Admin database")
-    status.add_argument("--database-url")
+    status.add_argument("--database-url", default=argparse.SUPPRESS)
     status.add_argument("--json", action="store_true")
     status.set_defaults(func=_cmd_status)
 
@@ -229,7 +233,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fleet_local.demo import run_demo
 
-    result = run_demo(server_url=args.database_url, out=lambda line: print(line, flush=True))
+    result = run_demo(server_url=getattr(args, "database_url", None), out=lambda line: print(line, flush=True))
     return 0 if result.ok else 1
 
 
@@ -238,7 +242,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     from fleet_local.status import failed_background_jobs, fleet_status, render
 
-    url = args.database_url or os.environ.get("DATABASE_URL")
+    url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
     if not url:
         print("error: no database: pass --database-url or set DATABASE_URL", file=sys.stderr)
         return 2
