@@ -92,10 +92,7 @@ class IngestStore:
         with conn.pipeline(), conn.transaction():
             _timeouts(conn, self.statement_timeout_ms)
             outcome = self._rows(conn, audit.customer_id, batch_type, items)
-            audit.accepted = outcome.accepted
-            audit.duplicates = valid_total - outcome.accepted
-            audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
-            self._close_batch(conn, audit, token_sha256)
+            self._close_batch(conn, audit, outcome, valid_total - outcome.accepted, token_sha256)
         return outcome
 
     def write_parts(
@@ -119,10 +116,7 @@ class IngestStore:
             if total.accepted and not self.has_rollup(conn):
                 assert total.min_time is not None and total.max_time is not None
                 self._queue_stale_range(conn, total.min_time, total.max_time)
-            audit.accepted = total.accepted
-            audit.duplicates = total.duplicates
-            audit.min_time, audit.max_time = total.min_time, total.max_time
-            self._close_batch(conn, audit, token_sha256)
+            self._close_batch(conn, audit, total, total.duplicates, token_sha256)
         return total
 
     def write_in_parts(
@@ -149,10 +143,7 @@ class IngestStore:
             _timeouts(conn, self.statement_timeout_ms)
             outcome = self._halving(conn, audit.customer_id, batch_type, items, failed)
             refuse(failed)
-            audit.accepted = outcome.accepted
-            audit.duplicates = valid_total - outcome.accepted - len(failed)
-            audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
-            self._close_batch(conn, audit, token_sha256)
+            self._close_batch(conn, audit, outcome, valid_total - outcome.accepted - len(failed), token_sha256)
         return outcome
 
     def _halving(
@@ -205,7 +196,12 @@ class IngestStore:
             return WriteOutcome(*upsert_sites(conn, customer_id, items))  # type: ignore[arg-type]
         return WriteOutcome(*upsert_devices(conn, customer_id, items))  # type: ignore[arg-type]
 
-    def _close_batch(self, conn: psycopg.Connection, audit: AuditRecord, token_sha256: bytes) -> None:
+    def _close_batch(
+        self, conn: psycopg.Connection, audit: AuditRecord, outcome: WriteOutcome, duplicates: int, token_sha256: bytes
+    ) -> None:
+        """The batch's outcome into its audit row, written with the last-seen updates."""
+        audit.accepted, audit.duplicates = outcome.accepted, duplicates
+        audit.min_time, audit.max_time = outcome.min_time, outcome.max_time
         _insert_audit(conn, audit)
         conn.execute(
             "UPDATE fleet.customers SET first_seen_at = coalesce(first_seen_at, now()),"
