@@ -10,9 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
+from fleet.ingest.store import ledger
 from fleet.observability import metrics
-from fleet.push.cursor import START, XID_START, Cursor, UnreadableCursor
+from fleet.push.cursor import START, XID_START, Cursor, UnreadableCursor, furthest
 from support import Clock, drain, make_push_service
 from test_push import Admin, client_rows, insert
 from test_push import admin as admin  # a fixture (the "as" re-exports it)
@@ -141,3 +143,62 @@ def test_a_lost_state_with_an_unreadable_ledger_cursor_starts_over(
     drain(service, clock)
     assert "PushCursorReset" in counted
     assert admin.rows() == client_rows(client_db)
+
+
+# --- the ledger's recent cursors: batches acknowledged out of order ---------------------
+
+
+def _c(phase: str, xid: int, time: str, device: str = "m") -> str:
+    return Cursor(phase, xid, time, device).encode()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("recent", "expected"),
+    [
+        # The last acknowledged is not the furthest: two batches in flight came back swapped.
+        ([_c("xid", 7, "2026-04-01 10:00:00+00"), _c("xid", 9, "2026-04-01 09:00:00+00")], 1),
+        ([_c("xid", 9, "2026-04-01 10:00:00+00"), _c("xid", 7, "2026-04-01 11:00:00+00")], 0),
+        # The same transaction: by time, offsets taken into account.
+        ([_c("xid", 9, "2026-04-01 12:00:00+02"), _c("xid", 9, "2026-04-01 11:00:00+00")], 1),
+        # Every xid cursor is past every legacy one.
+        ([_c("legacy", 0, "2026-04-01 10:00:00+00"), _c("xid", 1, "-infinity")], 1),
+        ([_c("legacy", 0, "infinity"), _c("legacy", 0, "2026-04-01 10:00:00+00")], 0),
+        # A tie: the ledger's order decides (its last).
+        ([_c("xid", 9, "2026-04-01 10:00:00+00", "b"), _c("xid", 9, "2026-04-01 10:00:00+00", "a")], 0),
+        # One that cannot be read or placed: the ledger's last, to be judged as before.
+        ([_c("xid", 5, "2026-04-01 10:00:00+00"), "cur\x00sor", _c("xid", 9, "2026-04-01 10:00:00+00")], 0),
+        ([_c("xid", 5, "2026-04-01 10:00:00+00"), _c("xid", 9, "0044-03-15 10:00:00+00 BC")], 0),
+    ],
+)
+def test_the_furthest_of_the_recent_cursors_is_taken(recent: list[str], expected: int) -> None:
+    assert furthest(recent) == recent[expected]
+
+
+def test_no_recent_cursor_is_none() -> None:
+    assert furthest([]) is None
+
+
+def test_batches_acknowledged_out_of_order_resume_from_the_furthest(aws: Any, admin: Admin, client_db: str) -> None:
+    """Two batches in flight at once whose audit rows came in the other order (the
+    later batch's row first): the ledger's last is the earlier cursor, and the push,
+    its state lost, resumes from the furthest of the recent ones: nothing is sent twice."""
+    insert(client_db, 300)
+    clock = Clock()
+    service = make_push_service(client_db, aws, admin.server_url, admin.token, clock, batch_size=50, max_batches=2)
+    service.tick()
+    assert len(admin.rows()) == 100
+    with psycopg.connect(admin.url, autocommit=True) as conn:
+        (first, first_cursor), (second, second_cursor) = conn.execute(
+            "SELECT id, client_cursor FROM fleet.ingest_events WHERE batch_type = 'measurements' ORDER BY id"
+        ).fetchall()
+        conn.execute(
+            "UPDATE fleet.ingest_events SET client_cursor = CASE id WHEN %s THEN %s ELSE %s END WHERE id IN (%s, %s)",
+            (first, second_cursor, first_cursor, first, second),
+        )
+        entry = ledger(conn, "DEV0001")["measurements"]
+    assert entry["cursor"] == first_cursor  # the last row holds the earlier cursor
+    assert entry["recent"] == [first_cursor, second_cursor]
+    aws.delete_item(Key={"resource": "measurements"})
+    drain(service, clock)
+    assert admin.rows() == client_rows(client_db)
+    assert _sent_again(admin) == 0

@@ -323,19 +323,28 @@ def _insert_audit(conn: psycopg.Connection, a: AuditRecord) -> int:
     return event_id
 
 
+# The acknowledged cursors the ledger lists besides the last: batches in flight at once
+# are acknowledged in any order, so the last audit row need not hold the furthest
+# cursor; the client, which knows its cursors' order, picks from these.
+LEDGER_RECENT = 8
+
+
 def ledger(conn: psycopg.Connection, customer_id: str) -> dict[str, dict[str, Any]]:
-    """Per batch type, the last cursor the server acknowledged for this customer."""
+    """Per batch type, the last cursor the server acknowledged for this customer, and
+    the ``LEDGER_RECENT`` last acknowledged, the last first."""
     out: dict[str, dict[str, Any]] = {}
     for batch_type in BatchType:
-        row = conn.execute(
+        rows = conn.execute(
             "SELECT client_cursor, batch_id, received_at FROM fleet.ingest_events"
             " WHERE customer_id = %s AND batch_type = %s AND status = 200"
-            " ORDER BY id DESC LIMIT 1",
-            (customer_id, batch_type.value),
-        ).fetchone()
+            " ORDER BY id DESC LIMIT %s",
+            (customer_id, batch_type.value, LEDGER_RECENT),
+        ).fetchall()
+        row = rows[0] if rows else None
         out[batch_type.value] = {
             "cursor": recovered(row[0]) if row else None,
             "batch_id": str(row[1]) if row and row[1] else None,
             "acknowledged_at": row[2].isoformat() if row else None,
+            "recent": [recovered(r[0]) for r in rows],
         }
     return out

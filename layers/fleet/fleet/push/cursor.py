@@ -42,8 +42,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, ClassVar, Literal
 
 _MIN_TIME = "-infinity"
@@ -120,6 +121,35 @@ _READERS: dict[int, Callable[[dict[str, Any]], Cursor]] = {1: _read_v1}
 
 START = Cursor("legacy")
 XID_START = Cursor("xid")
+
+
+def furthest(texts: Sequence[str | None]) -> str | None:
+    """Of the ledger's recent cursors (the last acknowledged first), the one furthest
+    in the keyset's order: batches in flight at once are acknowledged in any order.
+    Ordered by phase, transaction and time; a tie, or a cursor that cannot be read or
+    placed, leaves the ledger's order to decide (the first of the tied). None for none."""
+    best: tuple[tuple[int, int, datetime], str | None] | None = None
+    for text in texts:
+        try:
+            cursor = Cursor.decode(text)
+            key = (0 if cursor.phase == "legacy" else 1, cursor.xid, _instant(cursor.time))
+        except (UnreadableCursor, ValueError):
+            return texts[0] if texts else None
+        if best is None or key > best[0]:
+            best = (key, text)
+    return best[1] if best else None
+
+
+def _instant(time: str) -> datetime:
+    """A cursor's time as an instant, for ordering (PostgreSQL's text, or +-infinity)."""
+    if time == "-infinity":
+        return datetime.min.replace(tzinfo=UTC)
+    if time == "infinity":
+        return datetime.max.replace(tzinfo=UTC)
+    instant = datetime.fromisoformat(time)  # "BC" and the like: ValueError
+    if instant.tzinfo is None:
+        raise ValueError("a time without its offset")
+    return instant
 
 
 def key_of(row: tuple[Any, ...]) -> Cursor:

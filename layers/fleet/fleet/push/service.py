@@ -36,7 +36,7 @@ from fleet import db
 from fleet.errors import FleetError
 from fleet.observability import logger, metrics
 from fleet.push.codec import gzip_body, items_body
-from fleet.push.cursor import START, Cursor, UnreadableCursor
+from fleet.push.cursor import START, Cursor, UnreadableCursor, furthest
 from fleet.push.readahead import OUT_OF_TIME, OneRead
 from fleet.push.report import Checkpoints, ResourceReport, TickReport
 from fleet.push.responses import ResponseRules
@@ -201,7 +201,9 @@ class PushService(ResponseRules):
         state.server_max_bytes = limits.get("max_body_bytes")
         state.server_max_in_flight = limits.get("max_in_flight")
         if state.resource == "measurements":
-            state.cursor = _cursor_or_start(entry.get("cursor"))
+            # The furthest of the last acknowledged (batches in flight are acknowledged
+            # in any order); a server that lists none gives its last.
+            state.cursor = _cursor_or_start(furthest(entry.get("recent") or [entry.get("cursor")]))
         self.state.save(state, owner)
         logger.info(
             "push state missing; resuming from the server's ledger",
