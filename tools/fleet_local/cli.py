@@ -122,6 +122,8 @@ def _check_admin(args: argparse.Namespace) -> int:
     with db.connect(_database_url(args)) as conn:
         status = schema_status(conn, "admin", args.profile)
     print(f"profile: {status.profile}")
+    for notice in status.notices:
+        print(f"notice: {notice}")
     print(f"migrations: {len(status.applied)} applied, {len(status.pending)} pending")
     for name in status.pending:
         print(f"pending: {name}")

@@ -90,6 +90,7 @@ class LocalCluster:
     port: int = field(default_factory=free_port)
     preload_timescaledb: bool | None = None  # None: when installed
     timescaledb_background_workers: int = 0
+    settings: dict[str, str] = field(default_factory=dict)  # more postgresql.conf lines, as written there
     bindir: Path = field(default_factory=find_bindir)
     datadir: Path | None = None
     guard: bool = True  # stop the server when the starting process is gone
@@ -156,6 +157,7 @@ class LocalCluster:
             settings["timescaledb.max_background_workers"] = str(self.timescaledb_background_workers)
             # One worker per database with the extension, plus the launcher.
             settings["max_worker_processes"] = str(8 + self.timescaledb_background_workers)
+        settings.update(self.settings)
         conf = self.datadir / "postgresql.auto.conf"
         with conf.open("a") as fh:
             for key, value in settings.items():
