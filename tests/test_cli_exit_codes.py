@@ -207,3 +207,15 @@ def test_the_fleet_program_ends_with_the_same_statuses(admin_db_postgres: str) -
     assert code == 2 and "no database" in err
     assert ended("customers", "disable", "NOPE", "--database-url", admin_db_postgres)[0] == 2
     assert ended("customers")[0] == 2
+
+
+@pytest.mark.parametrize("option", ["--event", "--env-vars"])
+def test_local_invoke_ends_2_for_a_file_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    for path in (bad, tmp_path / "missing.json"):
+        code, out, err = status_of(capsys, "local", "invoke", "IngestFunction", option, str(path))
+        assert (code, out) == (2, "")
+        assert "cannot be read" in err and "Traceback" not in err

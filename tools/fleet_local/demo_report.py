@@ -153,7 +153,8 @@ def _check_profile(result: DemoResult, a: psycopg.Connection) -> None:
             "fleet.power_measurements is a hypertable; hourly_state materialized_only = false",
         )
         versions = a.execute(
-            "SELECT split_part(current_setting('server_version'), ' ', 1), extversion FROM pg_extension WHERE extname = 'timescaledb'"
+            "SELECT split_part(current_setting('server_version'), ' ', 1), extversion"
+            " FROM pg_extension WHERE extname = 'timescaledb'"
         ).fetchone()
         assert versions is not None
         check_background_jobs(result, failed_jobs(a), (str(versions[0]), str(versions[1])))

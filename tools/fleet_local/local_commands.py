@@ -101,7 +101,11 @@ def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
     if role_hint and "Mode" not in overrides:
         overrides["Mode"] = role_hint
     template = Template(args.template or DEFAULT_TEMPLATE, overrides)
-    return LocalStack(template, read_env_vars_file(args.env_vars))
+    try:
+        env_vars = read_env_vars_file(args.env_vars)
+    except (OSError, ValueError) as exc:
+        raise NotDone(f"the env-vars file cannot be read: {exc}") from None
+    return LocalStack(template, env_vars)
 
 
 def _open_stack(args: argparse.Namespace, exit_stack: ExitStack, role_hint: str | None = None) -> Any:
@@ -164,7 +168,10 @@ def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
 def _cmd_invoke(args: argparse.Namespace) -> int:
     from fleet_local.runner import InvokeError
 
-    event = json.loads(args.event.read_text()) if args.event else {}
+    try:
+        event = json.loads(args.event.read_text()) if args.event else {}
+    except (OSError, ValueError) as exc:
+        raise NotDone(f"the event file cannot be read: {exc}") from None
     with ExitStack() as es:
         stack = _open_stack(args, es)
         try:
