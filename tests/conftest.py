@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,19 @@ def _start_server() -> PgServer:
         version = conn.execute("SELECT version()").fetchone()[0]  # type: ignore[index]
         has_ts = timescaledb_offered(conn)
     return PgServer(base_url=base_url, version=version, has_timescale=has_ts, cluster=cluster)
+
+
+def _interrupted(signum: int, _frame: object) -> None:
+    signal.signal(signum, signal.SIG_IGN)  # a second one cannot cut the clean-up short
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """SIGTERM ends the session as Ctrl-C does: the fixtures unwind, and the
+    session's cluster is stopped and removed. (After a SIGKILL, which nothing
+    here sees, the cluster's own guard stops it: fleet_local.cluster.)"""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupted)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

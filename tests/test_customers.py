@@ -49,7 +49,7 @@ def test_rotate_revoke_disable_enable(admin_db_postgres: str, capsys) -> None:
     run_cli(capsys, "customers", "--database-url", url, "create", "C1", "--name", "one")
     code, out, _ = run_cli(capsys, "customers", "--database-url", url, "rotate-token", "C1")
     assert code == 0 and "flt_" in out
-    code, out, _ = run_cli(capsys, "customers", "--database-url", url, "revoke-token", "C1", "--keep-newest")
+    code, out, _ = run_cli(capsys, "customers", "--database-url", url, "revoke-token", "C1", "--keep-newest", "--json")
     assert json.loads(out) == {"revoked": 1}
     run_cli(capsys, "customers", "--database-url", url, "disable", "C1")
     with psycopg.connect(url) as conn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import urllib.request
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -299,3 +299,47 @@ def test_status_shows_each_customer_at_a_glance(admin_db_postgres: str, capsys) 
     assert "DEV0001" in text and "25%" in text and "5m ago" in text and "never" in text
     assert main(["status", "--database-url", admin_db_postgres]) == 0
     assert "DEV0002" in capsys.readouterr().out
+
+
+def _job(job_id: int, proc: str, error: str | None) -> Any:
+    from fleet.schema.profiles import FailedJob
+
+    return FailedJob(job_id, proc, None, datetime.now(UTC), 1, error)
+
+
+def test_the_demo_names_the_known_background_job_fault_and_fails_on_any_other() -> None:
+    from fleet_local.demo_report import DemoResult, check_background_jobs
+
+    portal = 'cannot drop portal "" while it is being set up'
+    server = ("15.20", "2.28.3")
+    known = [
+        _job(3, "policy_job_stat_history_retention", portal),
+        _job(1001, "policy_refresh_continuous_aggregate", portal),
+    ]
+    result = DemoResult()
+    check_background_jobs(result, known, server)
+    (check,) = result.checks
+    assert check.ok, check
+    assert "known fault of PostgreSQL 15.20 with TimescaleDB 2.28.3" in check.detail
+    assert "policy_refresh_continuous_aggregate" in check.detail and "after" in check.detail
+
+    for other in ([_job(1002, "policy_compression", "out of memory")], [_job(1003, "test_job", None)]):
+        result = DemoResult()
+        check_background_jobs(result, known + other, server)
+        (check,) = result.checks
+        assert not check.ok and not result.ok, check
+        assert f"job {other[0].job_id} {other[0].proc_name}" in check.detail
+
+    result = DemoResult()
+    check_background_jobs(result, [], server)
+    assert result.checks[0].ok and "no background job's last run failed" in result.checks[0].detail
+
+
+def test_the_demo_replays_a_day_relative_to_today_older_than_its_check_needs() -> None:
+    from fleet_local.demo_report import replay_day
+
+    now = datetime.now(UTC)
+    day = replay_day(now)
+    assert day == day.replace(hour=0, minute=0, second=0, microsecond=0)
+    assert timedelta(days=32) < now - day < timedelta(days=366)
+    assert replay_day(datetime(2027, 1, 15, 8, tzinfo=UTC)) == replay_day(datetime(2027, 1, 15, 23, tzinfo=UTC))

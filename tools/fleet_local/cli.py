@@ -1,5 +1,16 @@
 """The ``fleet`` command line: migrations, customers, the local runner, the demo
-and the fleet status. ``DATABASE_URL`` is the default database everywhere."""
+and the fleet status. ``DATABASE_URL`` is the default database everywhere.
+
+Every command ends with one of three exit statuses (as grep and diff do):
+0 it did what was asked; 1 it ran, and what it checked or ran is not right (a
+check that finds problems, a demo check that fails, an invoked function that
+answers with an error); 2 it could not do what was asked (a usage error, as
+argparse reports it; no database, or one that does not answer; a request the
+domain refuses: no such customer, one that exists already, an invalid id, a
+profile the server cannot have). ``local invoke`` and ``demo`` stopped by
+Ctrl-C or SIGTERM end with 130; those that run until stopped (``start-api``,
+``schedule``) with 0.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +22,29 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
+import psycopg
+from fleet.db import describe
 from fleet.errors import FleetError
+
+# The exit statuses (the rule is the module's docstring).
+DONE = 0
+NOT_RIGHT = 1
+NOT_DONE = 2
+
+
+class NotDone(SystemExit):
+    """What was asked cannot be done as asked (no database to do it on). A
+    SystemExit whose code is the message, so that a caller of ``main`` sees it
+    raised; the ``fleet`` program (``run``) prints it and ends with status 2."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
 
 
 def _database_url(args: argparse.Namespace) -> str:
     url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
     if not url:
-        raise SystemExit("error: no database: pass --database-url or set DATABASE_URL")
+        raise NotDone("no database: pass --database-url or set DATABASE_URL")
     return str(url)
 
 
@@ -53,7 +80,7 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         print(f"portal: {change}")
     for notice in result.notices:
         print(f"notice: {notice}")
-    return 0
+    return DONE
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -81,9 +108,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
         for error in report.errors:
             print(f"error: {error}", file=sys.stderr)
         print(f"{len(report.errors)} problems: the push cannot read this portal as mapped", file=sys.stderr)
-        return 1
+        return NOT_RIGHT
     print("the source mapping fits the portal database")
-    return 0
+    return DONE
 
 
 def _check_admin(args: argparse.Namespace) -> int:
@@ -95,6 +122,8 @@ def _check_admin(args: argparse.Namespace) -> int:
     with db.connect(_database_url(args)) as conn:
         status = schema_status(conn, "admin", args.profile)
     print(f"profile: {status.profile}")
+    for notice in status.notices:
+        print(f"notice: {notice}")
     print(f"migrations: {len(status.applied)} applied, {len(status.pending)} pending")
     for name in status.pending:
         print(f"pending: {name}")
@@ -103,7 +132,7 @@ def _check_admin(args: argparse.Namespace) -> int:
         print(f"definition to apply: {name}")
     for name in status.edited:
         print(f"error: {name} was changed after it was applied; a migration refuses it", file=sys.stderr)
-    return 1 if status.edited else 0
+    return NOT_RIGHT if status.edited else DONE
 
 
 def _cmd_customers(args: argparse.Namespace) -> int:
@@ -116,7 +145,7 @@ def _cmd_customers(args: argparse.Namespace) -> int:
             if not args.json:
                 print(f"customer {args.id} created")
                 print(f"token (shown once, store it now): {result['token']}")
-                return 0
+                return DONE
         elif args.action == "list":
             result = customers.list_customers(conn)
             if not args.json:
@@ -125,22 +154,30 @@ def _cmd_customers(args: argparse.Namespace) -> int:
                         f"{c['id']:<16} {c['status']:<9} tokens={c['live_tokens']} "
                         f"last_seen={c['last_seen_at'] or '-'}  {c['name']}"
                     )
-                return 0
+                return DONE
         elif args.action == "rotate-token":
             issued = customers.rotate_token(conn, args.id, timedelta(days=args.grace_days))
             result = issued.as_dict()
             if not args.json:
                 print(f"new token for {args.id} (shown once): {issued.token}")
                 print(f"older tokens keep working for {args.grace_days} days")
-                return 0
+                return DONE
         elif args.action == "revoke-token":
-            result = {"revoked": customers.revoke_tokens(conn, args.id, keep_newest=args.keep_newest)}
+            revoked = customers.revoke_tokens(conn, args.id, keep_newest=args.keep_newest)
+            result = {"revoked": revoked}
+            if not args.json:
+                kept = ", the newest kept" if args.keep_newest else ""
+                print(f"{revoked} token{'s' if revoked != 1 else ''} of {args.id} revoked{kept}")
+                return DONE
         else:
             status = "disabled" if args.action == "disable" else "active"
             customers.set_status(conn, args.id, status)
             result = {"customer_id": args.id, "status": status}
+            if not args.json:
+                print(f"customer {args.id} {'disabled' if status == 'disabled' else 'enabled'}")
+                return DONE
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return DONE
 
 
 _MAPPING_HELP = "the source mapping file (default: PUSH_SOURCE_MAPPING, else the default tables)"
@@ -184,11 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
     rev = csub.add_parser("revoke-token", help="revoke the customer's tokens at once")
     rev.add_argument("id")
     rev.add_argument("--keep-newest", action="store_true", help="keep the newest token (end a rotation early)")
+    rev.add_argument("--json", action="store_true")
     for name in ("disable", "enable"):
         p = csub.add_parser(name)
         p.add_argument("id")
-    for p in (rev, *[csub.choices[n] for n in ("disable", "enable")]):
-        p.set_defaults(json=True)
+        p.add_argument("--json", action="store_true")
     for p in csub.choices.values():  # the option works after the action too
         p.add_argument("--database-url", default=argparse.SUPPRESS, help="default: DATABASE_URL")
     cust.set_defaults(func=_cmd_customers)
@@ -208,11 +245,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        return int(args.func(args) or DONE)
     except FleetError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except psycopg.Error as exc:  # e.g. a database without the fleet schema
+        print(f"error: the database refused the command: {describe(exc)}", file=sys.stderr)
+    return NOT_DONE
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """The ``fleet`` program: ``main`` with every outcome an exit status of the rule."""
+    try:
+        status = main(argv)
+    except NotDone as exc:
+        print(exc.code, file=sys.stderr)
+        status = NOT_DONE
+    sys.exit(status)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

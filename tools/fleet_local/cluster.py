@@ -3,6 +3,12 @@
 The server binaries are found with ``pg_config --bindir`` or in Debian's versioned
 folder. When TimescaleDB is installed for that server, it is preloaded, so the same
 cluster covers both database profiles wherever the extension exists.
+
+A cluster never outlives the process that started it: beside the server runs a
+guard, a small process of its own session that stops the server and removes its
+folder once that process is gone, even by SIGKILL, which no handler of its own
+sees. (PR_SET_PDEATHSIG cannot serve: the postmaster's parent is ``pg_ctl``,
+which exits as soon as the server is up.) This file is the guard's program too.
 """
 
 from __future__ import annotations
@@ -11,9 +17,12 @@ import contextlib
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,10 +90,17 @@ class LocalCluster:
     port: int = field(default_factory=free_port)
     preload_timescaledb: bool | None = None  # None: when installed
     timescaledb_background_workers: int = 0
+    settings: dict[str, str] = field(default_factory=dict)  # more postgresql.conf lines, as written there
     bindir: Path = field(default_factory=find_bindir)
     datadir: Path | None = None
+    guard: bool = True  # stop the server when the starting process is gone
     _owner: str | None = None
     _tmp: Path | None = None
+    _guard: subprocess.Popen[bytes] | None = None
+
+    @property
+    def guard_pid(self) -> int | None:
+        return self._guard.pid if self._guard is not None else None
 
     @property
     def has_timescaledb(self) -> bool:
@@ -113,6 +129,8 @@ class LocalCluster:
             uid = pwd.getpwnam(self._owner).pw_uid
             gid = pwd.getpwnam(self._owner).pw_gid
             os.chown(self._tmp, uid, gid)
+        if self.guard:
+            self._start_guard()
         self._run(
             str(self.bindir / "initdb"),
             "-D", str(self.datadir),
@@ -139,6 +157,7 @@ class LocalCluster:
             settings["timescaledb.max_background_workers"] = str(self.timescaledb_background_workers)
             # One worker per database with the extension, plus the launcher.
             settings["max_worker_processes"] = str(8 + self.timescaledb_background_workers)
+        settings.update(self.settings)
         conf = self.datadir / "postgresql.auto.conf"
         with conf.open("a") as fh:
             for key, value in settings.items():
@@ -152,7 +171,28 @@ class LocalCluster:
         )  # fmt: skip
         return self
 
+    def _start_guard(self) -> None:
+        assert self._tmp is not None and self.datadir is not None
+        # Its own session: a Ctrl-C or a signal to the starter's process group
+        # leaves it be; it ends when the starter is gone or stop() ends it.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LD_PRELOAD", "FAKETIME"))}
+        self._guard = subprocess.Popen(
+            [sys.executable, "-I", __file__, "guard", str(os.getpid()), str(self._tmp), str(self.datadir),
+             str(self.bindir), self._owner or ""],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            start_new_session=True, env=env,
+        )  # fmt: skip
+
+    def _end_guard(self) -> None:
+        if self._guard is not None:
+            # It holds nothing while its starter lives. (A wait with a timeout sleeps,
+            # which libfaketime's clock refuses: the tests at faked dates stop clusters.)
+            self._guard.kill()
+            self._guard.wait()
+            self._guard = None
+
     def stop(self, *, remove: bool = True) -> None:
+        self._end_guard()
         if self.datadir is not None and self.datadir.exists():
             with contextlib.suppress(LocalClusterError):
                 self._run(str(self.bindir / "pg_ctl"), "-D", str(self.datadir), "-m", "fast", "-w", "stop")
@@ -191,9 +231,31 @@ class LocalCluster:
         self.stop()
 
 
+def _guard(starter: int, tmp: Path, datadir: Path, bindir: Path, owner: str) -> None:
+    """The guard's loop: wait for the starting process to be gone (this process is
+    then re-parented), stop the server at once and remove its folder."""
+    for sig in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    while os.getppid() == starter and tmp.exists():
+        time.sleep(0.2)
+    if not tmp.exists():
+        return  # stopped and removed as usual
+    if (datadir / "postmaster.pid").exists():
+        cmd = [str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "-t", "30", "stop"]
+        if owner:
+            cmd = ["runuser", "-u", owner, "--", *cmd]
+        subprocess.run(cmd, capture_output=True, check=False)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _unprivileged_account() -> str:
     for name in ("postgres", "nobody"):
         with contextlib.suppress(KeyError):
             pwd.getpwnam(name)
             return name
     raise LocalClusterError("running as root and no 'postgres' or 'nobody' account to run the server")
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["guard"]:
+    _pid, _tmp, _data, _bin, _owner = sys.argv[2:7]
+    _guard(int(_pid), Path(_tmp), Path(_data), Path(_bin), _owner)

@@ -4,7 +4,7 @@ An Admin stack and a Client stack, each with its own database, both bootstrapped
 through the BootstrapFunction with the Create event; customer DEV0001 registered
 through the CustomerAdminFunction; the Admin API served to the IngestFunction; a
 small fleet writing into the Client database (live readings, a firmware replay
-back-dated to 2026-04-01, a replay older than 30 days, and a transaction that
+back-dated four months, a replay older than 30 days, and a transaction that
 stays open across a push); the PushFunction invoked on its schedule until the
 backlog is empty; then a verification report. Exit status 1 when a check fails.
 """
@@ -26,7 +26,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from fleet_local.demo_report import CUSTOMER, REPLAY_DAY, DemoResult, report, verify
+from fleet_local.demo_report import CUSTOMER, DemoResult, replay_day, report, verify
 from fleet_local.embedded import embedded_dynamodb, ensure_state_table, local_aws_env
 from fleet_local.runner import DEFAULT_TEMPLATE, LocalStack, serve_api
 from fleet_local.schedules import run_schedules
@@ -128,13 +128,13 @@ def _write_fleet(client_url: str, sizes: Sizes, now: datetime) -> None:
                     " FROM generate_series(%s::int, %s::int) m, generate_series(1, %s::int) d",
                     (start, block, min(block + 9, minutes - 1), sizes.devices),
                 )
-        # A firmware replay: a day buffered in meter 3, back-dated to 2026-04-01, all
-        # in one transaction (one received_at for every row).
+        # A firmware replay: a day buffered in meter 3, back-dated months, all in one
+        # transaction (one received_at for every row).
         conn.execute(
             "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
             " SELECT %s + make_interval(mins => m), 'meter-3', 800 + m %% 60, 50000 + m * 13.0"
             " FROM generate_series(0, %s::int - 1) m",
-            (REPLAY_DAY, sizes.replay_minutes),
+            (replay_day(now), sizes.replay_minutes),
         )
         # A replay older than the hourly aggregate's 30-day refresh window.
         old = (now - timedelta(days=45)).replace(minute=0, second=0, microsecond=0)
@@ -174,7 +174,8 @@ def run_demo(
         client = _client_side(stack, Template(template_path, {"Mode": "client", "IngestEnabled": "true"}),
                               client_url, client_env, log, out)  # fmt: skip
         now = datetime.now(UTC)
-        _say(out, "the fleet writes: live readings, a replay back-dated to 2026-04-01, one older than 30 days")
+        _say(out, f"the fleet writes: live readings, a replay back-dated to {replay_day(now):%Y-%m-%d},"
+                  " one older than 30 days")  # fmt: skip
         _write_fleet(client_url, sizes, now)
         open_tx = stack.enter_context(_open_transaction(client_url, now - timedelta(hours=sizes.live_hours + 1)))
         _push_until_drained(client, open_tx, result, out, deadline=started + time_budget_s)

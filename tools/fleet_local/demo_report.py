@@ -3,18 +3,33 @@ Client databases once the push has drained, and how it prints the result."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import psycopg
+from fleet.schema.profiles import FailedJob, failed_jobs
 
 if TYPE_CHECKING:
     from fleet_local.demo import Sizes
 
 CUSTOMER = "DEV0001"
-REPLAY_DAY = datetime(2026, 4, 1, tzinfo=UTC)
+# The firmware replay's day: months back, always older than the 30 days the
+# hourly check looks behind (the aggregate's refresh window).
+REPLAY_AGE = timedelta(days=120)
+
+# PostgreSQL 15.20 with TimescaleDB 2.28.3 ends every background job's run with
+# this error, raised after the job's own work has committed: a fault of that pair,
+# not of the pipeline. Any other failure fails the demo.
+KNOWN_JOB_FAULT = re.compile(r'cannot drop portal ".*" while it is being set up')
+KNOWN_FAULT_SEEN_WITH = ("15.20", "2.28.3")
+
+
+def replay_day(now: datetime) -> datetime:
+    """Midnight UTC of the day the firmware replay is back-dated to."""
+    return (now - REPLAY_AGE).replace(hour=0, minute=0, second=0, microsecond=0)
 
 
 @dataclass
@@ -75,16 +90,17 @@ def _check_rows(result: DemoResult, a: psycopg.Connection, client_counts: dict[s
 
 
 def _check_replays(result: DemoResult, a: psycopg.Connection, sizes: Sizes, now: datetime) -> None:
+    day = replay_day(now)
     replay = a.execute(
         "SELECT count(*), min(customer_id), max(customer_id) FROM fleet.power_measurements"
-        " WHERE time >= %s AND time < %s + interval '1 day'",
-        (REPLAY_DAY, REPLAY_DAY),
+        " WHERE time >= %s AND time < %s",
+        (day, day + timedelta(hours=24)),
     ).fetchone()
     assert replay is not None
     result.check(
         "back-dated rows present with the right customer",
         replay[0] == sizes.replay_minutes and replay[1] == replay[2] == CUSTOMER,
-        f"{replay[0]} rows on 2026-04-01, customer {replay[1]}",
+        f"{replay[0]} rows on {day:%Y-%m-%d}, customer {replay[1]}",
     )
     hourly: dict[str, int] = dict(
         a.execute(
@@ -136,6 +152,12 @@ def _check_profile(result: DemoResult, a: psycopg.Connection) -> None:
             bool(ht and ht[0] == 1 and ca and ca[0] is False),
             "fleet.power_measurements is a hypertable; hourly_state materialized_only = false",
         )
+        versions = a.execute(
+            "SELECT split_part(current_setting('server_version'), ' ', 1), extversion"
+            " FROM pg_extension WHERE extname = 'timescaledb'"
+        ).fetchone()
+        assert versions is not None
+        check_background_jobs(result, failed_jobs(a), (str(versions[0]), str(versions[1])))
         return
     parts = a.execute(
         "SELECT count(*) FROM pg_inherits WHERE inhparent = 'fleet.power_measurements'::regclass"
@@ -144,6 +166,32 @@ def _check_profile(result: DemoResult, a: psycopg.Connection) -> None:
         "weekly partitions with archive and default",
         bool(parts and parts[0] >= 3),
         f"{parts[0] if parts else 0} partitions of fleet.power_measurements",
+    )
+
+
+def check_background_jobs(result: DemoResult, failed: list[FailedJob], server: tuple[str, str]) -> None:
+    """The TimescaleDB jobs whose last run failed: only the known fault passes."""
+    known = [j for j in failed if j.error and KNOWN_JOB_FAULT.fullmatch(j.error.strip())]
+    other = [j for j in failed if j not in known]
+    details = []
+    if known:
+        pg, ts = KNOWN_FAULT_SEEN_WITH
+        seen = (
+            ""
+            if server == KNOWN_FAULT_SEEN_WITH
+            else f" (this server: PostgreSQL {server[0]}, TimescaleDB {server[1]})"
+        )
+        details.append(
+            f"{len(known)} jobs ended Failed with the known fault of PostgreSQL {pg} with TimescaleDB {ts}{seen},"
+            f" 'cannot drop portal ... while it is being set up', raised after the job's work committed:"
+            f" {', '.join(j.proc_name for j in known)}"
+        )
+    for job in other:
+        details.append(f"job {job.job_id} {job.proc_name} failed: {(job.error or 'no error recorded').splitlines()[0]}")
+    result.check(
+        "TimescaleDB background jobs",
+        not other,
+        "; ".join(details) or "no background job's last run failed",
     )
 
 

@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from fleet_local.cli import DONE, NOT_DONE, NOT_RIGHT, NotDone
+
 
 def register(sub: Any) -> None:
     local = sub.add_parser("local", help="run template.yaml's functions without Docker")
@@ -99,7 +101,11 @@ def _stack(args: argparse.Namespace, role_hint: str | None = None) -> Any:
     if role_hint and "Mode" not in overrides:
         overrides["Mode"] = role_hint
     template = Template(args.template or DEFAULT_TEMPLATE, overrides)
-    return LocalStack(template, read_env_vars_file(args.env_vars))
+    try:
+        env_vars = read_env_vars_file(args.env_vars)
+    except (OSError, ValueError) as exc:
+        raise NotDone(f"the env-vars file cannot be read: {exc}") from None
+    return LocalStack(template, env_vars)
 
 
 def _open_stack(args: argparse.Namespace, exit_stack: ExitStack, role_hint: str | None = None) -> Any:
@@ -132,8 +138,8 @@ def _with_database(stack: Any, exit_stack: ExitStack, role: str, logical_id: str
         url = exit_stack.enter_context(embedded_database(role, given, profile))
     except DatabaseUnavailable as exc:
         where = "the env-vars file" if (own or params.get("DATABASE_URL")) else "the environment"
-        raise SystemExit(
-            f"error: the DATABASE_URL of {where} does not answer ({exc}); start that server,"
+        raise NotDone(
+            f"the DATABASE_URL of {where} does not answer ({exc}); start that server,"
             " or leave DATABASE_URL out and a throwaway database is started"
         ) from None
     if not own:
@@ -162,14 +168,17 @@ def _with_push_defaults(stack: Any, exit_stack: ExitStack) -> None:
 def _cmd_invoke(args: argparse.Namespace) -> int:
     from fleet_local.runner import InvokeError
 
-    event = json.loads(args.event.read_text()) if args.event else {}
+    try:
+        event = json.loads(args.event.read_text()) if args.event else {}
+    except (OSError, ValueError) as exc:
+        raise NotDone(f"the event file cannot be read: {exc}") from None
     with ExitStack() as es:
         stack = _open_stack(args, es)
         try:
             stack.spec(args.logical_id)
         except KeyError as exc:
             print(f"error: {exc.args[0]}", file=sys.stderr)
-            return 2
+            return NOT_DONE
         _with_database(stack, es, _role(stack), args.logical_id)
         if args.logical_id == "PushFunction":
             _with_push_defaults(stack, es)
@@ -177,9 +186,9 @@ def _cmd_invoke(args: argparse.Namespace) -> int:
             result = stack.invoke(args.logical_id, event)
         except InvokeError as exc:
             print(json.dumps(exc.payload, indent=2))
-            return 1
+            return NOT_RIGHT
     print(json.dumps(result, indent=2, default=str))
-    return 0
+    return DONE
 
 
 def _cmd_start_api(args: argparse.Namespace) -> int:
@@ -194,7 +203,7 @@ def _cmd_start_api(args: argparse.Namespace) -> int:
             print(f"mounted {route.route_key:<36} -> {route.function_name}", file=sys.stderr)
         print(f"serving on {api.url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
         wait_forever(threading.Event())
-    return 0
+    return DONE
 
 
 def _cmd_schedule(args: argparse.Namespace) -> int:
@@ -209,7 +218,7 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
                 " the maintenance Mode=admin)",
                 file=sys.stderr,
             )
-            return 2
+            return NOT_DONE
         _with_database(stack, es, _role(stack))
         if any(logical_id == "PushFunction" for logical_id, _, _ in schedules):
             _with_push_defaults(stack, es)
@@ -227,14 +236,14 @@ def _cmd_schedule(args: argparse.Namespace) -> int:
                 stop.set()
 
         run_schedules(stack, stop, on_result)  # Ctrl-C and SIGTERM end it (see _ends_cleanly)
-    return 0
+    return DONE
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fleet_local.demo import run_demo
 
     result = run_demo(server_url=getattr(args, "database_url", None), out=lambda line: print(line, flush=True))
-    return 0 if result.ok else 1
+    return DONE if result.ok else NOT_RIGHT
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -244,8 +253,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
     url = getattr(args, "database_url", None) or os.environ.get("DATABASE_URL")
     if not url:
-        print("error: no database: pass --database-url or set DATABASE_URL", file=sys.stderr)
-        return 2
+        raise NotDone("no database: pass --database-url or set DATABASE_URL")
     with db.connect(url) as conn:
         rows = fleet_status(conn)
         failed = failed_background_jobs(conn)
@@ -253,4 +261,4 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, default=str))
     else:
         print(render(rows, datetime.now(UTC), failed))
-    return 0
+    return DONE

@@ -14,29 +14,41 @@ from fleet.schema.profiles import FailedJob, failed_jobs
 # share of them that arrived back-dated (batches whose oldest row was over an hour
 # old), and the newest batch's status and cursor. Sites and devices batches count
 # only in "refused" and "newest".
+# The day is 24 hours, not interval '1 day': that one is added in the session's
+# time zone, and across a daylight-saving change it is 23 or 25 hours.
 _QUERY = """
 SELECT c.id, c.name, c.status, c.last_seen_at,
        coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'
-                                          AND e.received_at > now() - interval '1 hour'), 0) AS rows_1h,
+                                          AND e.received_at > %(at)s - interval '1 hour'), 0) AS rows_1h,
        coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'), 0) AS rows_1d,
        coalesce(sum(e.accepted) FILTER (WHERE e.batch_type = 'measurements'
                                           AND e.min_time < e.received_at - interval '1 hour'), 0) AS late_1d,
-       count(*) FILTER (WHERE e.status <> 200 AND e.received_at > now() - interval '1 day') AS refused_1d,
+       count(*) FILTER (WHERE e.status <> 200 AND e.received_at > %(at)s - interval '24 hours') AS refused_1d,
        (SELECT json_build_object('status', l.status, 'type', l.batch_type, 'cursor', l.client_cursor,
                                  'at', l.received_at)
           FROM fleet.ingest_events l WHERE l.customer_id = c.id ORDER BY l.id DESC LIMIT 1) AS newest
 FROM fleet.customers c
-LEFT JOIN fleet.ingest_events e ON e.customer_id = c.id AND e.received_at > now() - interval '1 day'
+LEFT JOIN fleet.ingest_events e ON e.customer_id = c.id AND e.received_at > %(at)s - interval '24 hours'
+                               AND e.received_at <= %(at)s
 GROUP BY c.id
 ORDER BY c.id
 """
 
 
-def fleet_status(conn: psycopg.Connection) -> list[dict[str, Any]]:
+def fleet_status(conn: psycopg.Connection, at: datetime | None = None) -> list[dict[str, Any]]:
+    """Per customer, the windows ending ``at`` (default: the database's now())."""
     keys = ("id", "name", "status", "last_seen_at", "rows_1h", "rows_1d", "late_1d", "refused_1d", "newest")
-    rows = [dict(zip(keys, row, strict=True)) for row in conn.execute(_QUERY)]
+    if at is None:
+        at = _db_now(conn)
+    rows = [dict(zip(keys, row, strict=True)) for row in conn.execute(_QUERY, {"at": at})]
     digests.add_verification(conn, rows)  # "verified through", open mismatches
     return rows
+
+
+def _db_now(conn: psycopg.Connection) -> datetime:
+    row = conn.execute("SELECT now()").fetchone()
+    assert row is not None
+    return row[0]
 
 
 def failed_background_jobs(conn: psycopg.Connection) -> list[FailedJob]:

@@ -47,9 +47,10 @@ def bootstrap(
     settings = settings or ProfileSettings()
     with db.connect(conninfo) as conn:
         result = migrate(conn, role, requested, mapping=mapping)
-        changes: list[str] = result.changes + [f"notice: {n}" for n in result.notices]
+        notices = [f"notice: {n}" for n in result.notices]
+        changes: list[str] = result.changes + notices
         if role == "admin":
-            changes = apply_profile(conn, result.profile, settings).changes
+            changes = notices + apply_profile(conn, result.profile, settings).changes
     return BootstrapOutcome(
         role, result.profile, result.applied, result.already_applied, changes, result.definitions_applied
     )

@@ -43,6 +43,7 @@ class SchemaStatus:
     edited: list[str] = field(default_factory=list)  # applied, and changed since: refused by a run
     definitions_due: list[str] = field(default_factory=list)
     definitions_current: list[str] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)  # why auto passed TimescaleDB over
 
 
 @dataclass
@@ -54,7 +55,7 @@ class MigrationResult:
     definitions_applied: list[str] = field(default_factory=list)  # repeatables (re-)applied by this run
     definitions_unchanged: list[str] = field(default_factory=list)
     changes: list[str] = field(default_factory=list)  # client: what was done to the portal's table
-    notices: list[str] = field(default_factory=list)  # client: what the mapping's check says
+    notices: list[str] = field(default_factory=list)  # the mapping's check (client), the profile's choice (admin)
 
 
 def applied_profile(conn: psycopg.Connection, role: Role) -> Profile | None:
@@ -68,38 +69,94 @@ def applied_profile(conn: psycopg.Connection, role: Role) -> Profile | None:
     return row[0] if row else None
 
 
-def timescaledb_offered(conn: psycopg.Connection) -> bool:
-    """The server has TimescaleDB installed and loaded (it must be preloaded)."""
+@dataclass(frozen=True)
+class TimescaleOffer:
+    """What the server offers of TimescaleDB."""
+
+    available: bool  # in pg_available_extensions
+    loaded: bool  # created in this database, or preloaded
+    # timescaledb.license: 'timescale' (every feature) or 'apache' (Apache 2 only: no
+    # continuous aggregates, no columnstore). None where the server's configuration
+    # does not set it and the extension is not created in this database yet: the
+    # packages' default then, 'timescale'.
+    license: str | None
+
+    @property
+    def apache_only(self) -> bool:
+        return self.license == "apache"
+
+    @property
+    def timescale_profile(self) -> bool:
+        """Everything the timescale profile uses is there."""
+        return self.loaded and not self.apache_only
+
+
+def timescaledb_offer(conn: psycopg.Connection) -> TimescaleOffer:
     row = conn.execute(
         "SELECT EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'),"
         " EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'timescaledb'),"
-        " current_setting('shared_preload_libraries')"
+        " current_setting('shared_preload_libraries'),"
+        " current_setting('timescaledb.license', true)"
     ).fetchone()
     assert row is not None
-    available, installed, preload = row
-    return bool(installed) or (bool(available) and "timescaledb" in str(preload))
+    available, installed, preload, license_ = row
+    loaded = bool(installed) or (bool(available) and "timescaledb" in str(preload))
+    return TimescaleOffer(bool(available), loaded, license_ or None)
 
 
-def choose_profile(conn: psycopg.Connection, role: Role, requested: ProfileChoice) -> Profile:
-    """Pick the profile from what the server offers, honouring what is already applied."""
+def timescaledb_offered(conn: psycopg.Connection) -> bool:
+    """The server can hold the timescale profile: TimescaleDB installed and loaded
+    (it must be preloaded), under a license with continuous aggregates and columnstore."""
+    return timescaledb_offer(conn).timescale_profile
+
+
+_APACHE_ONLY = (
+    "this server's TimescaleDB runs under the Apache 2 license (timescaledb.license = 'apache'),"
+    " which has no continuous aggregates and no columnstore policies"
+)
+
+
+def decide_profile(
+    role: Role, requested: ProfileChoice, already: Profile | None, offer: TimescaleOffer
+) -> tuple[Profile, str | None]:
+    """The profile for what the server offers, honouring what is already applied,
+    and a notice when auto passed TimescaleDB over. ProfileError when it cannot be had."""
     if role == "client":
-        return "postgres"  # the portal database is the customer's own; no extensions asked
-    already = applied_profile(conn, role)
-    offered = timescaledb_offered(conn)
+        return "postgres", None  # the portal database is the customer's own; no extensions asked
+    if already == "timescale" and offer.apache_only:
+        raise ProfileError(
+            f"the {role} database was set up with the timescale profile, but {_APACHE_ONLY}; "
+            "set timescaledb.license = 'timescale' in the server's configuration"
+        )
     if requested == "auto":
         if already is not None:
-            return already
-        return "timescale" if offered else "postgres"
+            return already, None
+        if offer.loaded and offer.apache_only:
+            return "postgres", f"{_APACHE_ONLY}: the postgres profile is used"
+        return ("timescale" if offer.timescale_profile else "postgres"), None
     if already is not None and already != requested:
         raise ProfileError(
             f"the {role} database was set up with the {already} profile; it cannot be switched to {requested} in place"
         )
-    if requested == "timescale" and not offered:
+    if requested == "timescale" and offer.apache_only:
+        raise ProfileError(
+            f"profile 'timescale' asked for, but {_APACHE_ONLY}; set timescaledb.license = 'timescale'"
+            " in the server's configuration, or use --profile postgres"
+        )
+    if requested == "timescale" and not offer.loaded:
         raise ProfileError(
             "profile 'timescale' asked for, but this server does not offer TimescaleDB "
             "(not in pg_available_extensions, or not in shared_preload_libraries)"
         )
-    return requested
+    return requested, None
+
+
+def choose_profile(conn: psycopg.Connection, role: Role, requested: ProfileChoice) -> tuple[Profile, str | None]:
+    """Pick the profile from what the server offers, honouring what is already applied:
+    the profile, and why auto passed TimescaleDB over (if it did)."""
+    if role == "client":
+        return "postgres", None
+    return decide_profile(role, requested, applied_profile(conn, role), timescaledb_offer(conn))
 
 
 def apply_pending(
@@ -114,8 +171,8 @@ def apply_pending(
         if lock_timeout_ms:  # the portal's tables: never queue the meters' inserts for long
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(f"{lock_timeout_ms}ms")))
         conn.execute(_BOOKKEEPING)
-        profile = choose_profile(conn, role, requested)
-        result = MigrationResult(role=role, profile=profile)
+        profile, notice = choose_profile(conn, role, requested)
+        result = MigrationResult(role=role, profile=profile, notices=[notice] if notice else [])
         _apply_versions(conn, result, root)
         result.definitions_applied, result.definitions_unchanged = apply_repeatables(conn, role, profile, root)
     return result
@@ -148,7 +205,8 @@ def schema_status(
 ) -> SchemaStatus:
     """The versioned migrations and repeatable definitions of ``role`` against the
     database: applied, pending, edited after they were applied; read only."""
-    status = SchemaStatus(role, choose_profile(conn, role, requested))
+    profile, notice = choose_profile(conn, role, requested)
+    status = SchemaStatus(role, profile, notices=[notice] if notice else [])
     recorded: dict[str, str] = {}
     if _has_bookkeeping(conn):
         recorded = dict(
