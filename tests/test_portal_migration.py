@@ -81,10 +81,11 @@ def _indexes(conn: psycopg.Connection) -> dict[str, bool]:
     }
 
 
+# The project's own tables (sql/client/001): the cursor's index, the legacy index and
+# received_at's; no day index (the contract: reconciliation reads by the portal's own).
 CURSOR_INDEXES = {
     "power_measurements_push_cursor_idx",
     "power_measurements_push_legacy_idx",
-    "power_measurements_push_day_idx",
     "power_measurements_received_at_idx",
 }
 

@@ -231,6 +231,9 @@ class DevicesMapping(TableMapping):
 class MeasurementsMapping(TableMapping):
     resource: ClassVar[Resource] = "measurements"
     table: str = DEFAULT_TABLES["measurements"]
+    # The operator's consent to one more index on the portal's table, for
+    # reconciliation's UTC days, when the portal has none that leads with the time.
+    reconcile_day_index: bool = False
 
 
 class SourceMapping(BaseModel):
@@ -248,7 +251,9 @@ class SourceMapping(BaseModel):
 
     @property
     def is_default(self) -> bool:
-        return self == DEFAULT_MAPPING
+        """The project's own tables (consent to the day index or not)."""
+        plain = self.measurements.model_copy(update={"reconcile_day_index": False})
+        return self.model_copy(update={"measurements": plain}) == DEFAULT_MAPPING
 
 
 DEFAULT_MAPPING = SourceMapping()
