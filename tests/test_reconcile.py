@@ -495,3 +495,67 @@ def test_the_digests_read_a_mapped_day_by_the_portals_own_device_time_index(empt
         assert own in plan, plan
         # ...and the UTC day exactly on the expression sent.
         assert "(timezone('Europe/Berlin'::text, \"Time\") >= '2026-11-02 00:00:00+00'" in plan, plan
+
+
+# --- what reconciliation reads a day by: the portal's own index, or nothing -------------
+
+
+def test_a_portal_with_its_own_time_index_has_its_days_read_by_it(client_db: str) -> None:
+    fill_portal(client_db)  # the portal's own index on (time)
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+            " SELECT %s - g * interval '1 minute', 'meter-' || mod(g, 20), g FROM generate_series(1, 200000) g",
+            (_day_start(FIRST_DAY),),
+        )
+        conn.execute("ANALYZE monitoring.power_measurements")
+        queries = DigestQueries(PortalSource().table(conn, "measurements"), conn)
+        assert queries.days_by == "time"
+        params = {
+            "start": _day_start(FIRST_DAY),
+            "last": _day_start(FIRST_DAY + timedelta(days=1)) - timedelta(microseconds=1),
+            "cx": str(2**40),
+            "ct": "infinity",
+            "cd": "",
+        }
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries.digest[("xid", False)], params))
+    assert "Seq Scan" not in plan, plan
+    assert "power_measurements_time_idx" in plan, plan  # every device of the day, one range
+    assert "Index Cond: ((\"time\" >= '2026-11-02 00:00:00+00'" in plan, plan
+
+
+def test_without_a_usable_index_reconciliation_is_off_and_says_what_to_create(
+    aws: Any, admin: Admin, client_db: str
+) -> None:
+    fill_portal(client_db)
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute("DROP INDEX monitoring.power_measurements_time_idx")  # a portal without one
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    service = service_for(client_db, aws, admin, clock)
+    seen: list[str] = []
+    original = module.metrics.add_metric
+
+    def record(name: str, unit: str, value: float) -> None:
+        seen.append(name)
+        original(name=name, unit=unit, value=value)
+
+    module.metrics.add_metric = record  # type: ignore[method-assign]
+    try:
+        reports = ticks(service, clock, 3)
+    finally:
+        module.metrics.add_metric = original  # type: ignore[method-assign]
+    # The measurements go on; the digests say why they wait, and what to create.
+    assert admin.rows() == portal_rows(client_db)
+    statement = 'CREATE INDEX CONCURRENTLY ON "monitoring"."power_measurements" ("time")'
+    for report in reports:
+        assert report["digests"]["outcome"] == "skipped"
+        assert "reconciliation is off" in report["digests"]["detail"] and statement in report["digests"]["detail"]
+    assert "ReconcileOff" in seen and "ReconcileDeviceDaysChecked" not in seen
+    assert verified(admin) == {}
+    assert admin.execute("SELECT count(*) FROM fleet.ingest_events WHERE batch_type = 'digests'") == [(0,)]
+    # The operator creates it as written: every device-day is digested and matches.
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute(statement)
+    ticks(service, clock, 8)
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}
