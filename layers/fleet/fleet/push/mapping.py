@@ -25,6 +25,10 @@ in which ``timestamp`` (without time zone) columns are read. A resource left out
 read from the project's own table (``monitoring.sites``, ...): the empty mapping is
 the default, today's tables.
 
+``"reconcile_day_index": true`` under ``measurements`` is the operator's consent to one
+more index on the portal's table, for reconciliation's days, when the portal has no
+index of its own that reads a day (fleet.push.catalogue finds one).
+
 Ids of any usual type (text, integers, uuid) are sent as text; times may be
 ``timestamptz`` or ``timestamp``; metrics ``real``, ``double precision``, ``numeric``
 or integers.
