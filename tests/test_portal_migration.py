@@ -3,18 +3,22 @@ no write outage, and an index an interrupted build left invalid is built again."
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import psycopg
 import pytest
 from fleet.push.catalogue import check
-from fleet.push.mapping import DEFAULT_MAPPING
+from fleet.push.mapping import DEFAULT_MAPPING, parse_mapping
 from fleet.schema import portal
 from fleet.schema.migrate import migrate
+from fleet_local import cli
+from test_portal_mapping import EF_CORE_MAPPING, EF_READINGS, _ef_core_portal
 
 # A portal as it was before the project's migrations: the default names, no
 # received_at, no push_xid, and many rows.
@@ -81,10 +85,11 @@ def _indexes(conn: psycopg.Connection) -> dict[str, bool]:
     }
 
 
+# The project's own tables (sql/client/001): the cursor's index, the legacy index and
+# received_at's; no day index (the contract: reconciliation reads by the portal's own).
 CURSOR_INDEXES = {
     "power_measurements_push_cursor_idx",
     "power_measurements_push_legacy_idx",
-    "power_measurements_push_day_idx",
     "power_measurements_received_at_idx",
 }
 
@@ -187,3 +192,112 @@ def test_the_cursor_column_waits_out_a_long_transaction_without_queueing_inserts
     during = [wait for at, wait in writer.waits if at >= started]
     assert len(during) > 100
     assert max(during) < 1.0, f"an insert waited {max(during):.2f} s"
+
+
+# --- the indexes on a portal's own table: the cursor's, and no other -------------------
+
+
+def _table_indexes(conn: psycopg.Connection, table: str) -> set[str]:
+    return {
+        r[0]
+        for r in conn.execute("SELECT indexrelid::regclass::text FROM pg_index WHERE indrelid = %s::regclass", (table,))
+    }
+
+
+EF_TABLE = 'monitoring."PowerMeasurements"'
+
+
+def _ef_portal_with_rows(url: str, *, drop_own_index: bool = False) -> None:
+    _ef_core_portal(url, EF_READINGS)
+    if drop_own_index:
+        with psycopg.connect(url, autocommit=True) as conn:
+            conn.execute('DROP INDEX monitoring."IX_PowerMeasurements_DeviceId_Time"')
+
+
+def test_a_portal_gets_the_cursor_column_and_one_index_and_nothing_else(empty_db: str) -> None:
+    _ef_portal_with_rows(empty_db)
+    mapping = parse_mapping(json.dumps(EF_CORE_MAPPING))
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        before = _table_indexes(conn, EF_TABLE)
+        assert before == {'monitoring."PowerMeasurements_pkey"', 'monitoring."IX_PowerMeasurements_DeviceId_Time"'}
+        result = migrate(conn, "client", mapping=mapping)
+        assert _table_indexes(conn, EF_TABLE) - before == {'monitoring."PowerMeasurements_push_cursor_idx"'}
+        assert _table_indexes(conn, EF_TABLE) >= before  # the portal's own are untouched
+        assert [c for c in result.changes if c.startswith("index ")] == [
+            "index monitoring.PowerMeasurements_push_cursor_idx built"
+        ]
+        # Reconciliation reads a day by the portal's own (DeviceId, Time): nothing to say.
+        assert result.notices == []
+        table = check(conn, mapping).tables["measurements"]
+        assert table is not None and table.day_index is not None
+        assert (table.day_index.name, table.day_index.by) == ("IX_PowerMeasurements_DeviceId_Time", "device")
+
+
+def test_without_a_usable_index_the_check_says_reconciliation_is_off_and_what_to_create(
+    empty_db: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    _ef_portal_with_rows(empty_db, drop_own_index=True)
+    path = tmp_path / "mapping.json"
+    path.write_text(json.dumps(EF_CORE_MAPPING))
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        result = migrate(conn, "client", mapping=parse_mapping(path.read_text()))
+        assert _table_indexes(conn, EF_TABLE) == {
+            'monitoring."PowerMeasurements_pkey"',
+            'monitoring."PowerMeasurements_push_cursor_idx"',
+        }
+    statement = 'CREATE INDEX CONCURRENTLY ON "monitoring"."PowerMeasurements" ("Time")'
+    assert len(result.notices) == 1 and "reconciliation is off" in result.notices[0]
+    assert statement in result.notices[0] and '"reconcile_day_index": true' in result.notices[0]
+    assert cli.main(["db", "check", "--role", "client", "--mapping", str(path), "--database-url", empty_db]) == 0
+    out = capsys.readouterr().out
+    assert "notice: measurements: reconciliation is off" in out and statement in out
+    # The operator runs the statement as written: the check finds it, the notice goes.
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(statement)
+        table = check(conn, parse_mapping(path.read_text())).tables["measurements"]
+        assert table is not None and table.day_index is not None and table.day_index.by == "time"
+        assert check(conn, parse_mapping(path.read_text())).notices == []
+
+
+def test_the_day_index_is_built_only_with_the_operators_consent(empty_db: str) -> None:
+    _ef_portal_with_rows(empty_db, drop_own_index=True)
+    doc = json.loads(json.dumps(EF_CORE_MAPPING))
+    doc["measurements"]["reconcile_day_index"] = True
+    mapping = parse_mapping(json.dumps(doc))
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        before = _table_indexes(conn, EF_TABLE)
+        result = migrate(conn, "client", mapping=mapping)
+        assert _table_indexes(conn, EF_TABLE) - before == {
+            'monitoring."PowerMeasurements_push_cursor_idx"',
+            'monitoring."PowerMeasurements_push_day_idx"',
+        }
+        assert result.notices == []
+        table = check(conn, mapping).tables["measurements"]
+        assert table is not None and table.day_index is not None
+        assert (table.day_index.name, table.day_index.raw) == ("PowerMeasurements_push_day_idx", False)
+
+
+def test_an_earlier_versions_indexes_are_kept_and_said_to_be_droppable(empty_db: str) -> None:
+    # What the previous client bootstrap left on a portal: the legacy and day indexes.
+    _ef_portal_with_rows(empty_db, drop_own_index=True)
+    mapping = parse_mapping(json.dumps(EF_CORE_MAPPING))
+    with psycopg.connect(empty_db, autocommit=True) as conn:
+        migrate(conn, "client", mapping=mapping)
+        at, device = "timezone('UTC', \"Time\")", '("DeviceId")::text'
+        conn.execute(
+            f'CREATE INDEX "PowerMeasurements_push_legacy_idx" ON {EF_TABLE} (({at}), ({device})) WHERE push_xid IS NULL'
+        )
+        conn.execute(
+            f'CREATE INDEX "PowerMeasurements_push_day_idx" ON {EF_TABLE} (({at}), ({device})) WHERE push_xid IS NOT NULL'
+        )
+        before = _table_indexes(conn, EF_TABLE)
+        result = migrate(conn, "client", mapping=mapping)
+        assert result.changes == [] and _table_indexes(conn, EF_TABLE) == before  # nothing dropped
+        legacy, day = result.notices
+        assert "PowerMeasurements_push_legacy_idx was built by an earlier version" in legacy
+        assert 'DROP INDEX CONCURRENTLY "monitoring"."PowerMeasurements_push_legacy_idx"' in legacy
+        assert "the contract does not require it" in day and "reads days by it while it exists" in day
+        assert 'DROP INDEX CONCURRENTLY "monitoring"."PowerMeasurements_push_day_idx"' in day
+        table = check(conn, mapping).tables["measurements"]
+        assert table is not None and table.day_index is not None
+        assert table.day_index.name == "PowerMeasurements_push_day_idx"  # still used

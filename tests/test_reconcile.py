@@ -86,7 +86,10 @@ def _day_start(day: date) -> datetime:
 
 
 def fill_portal(url: str) -> None:
+    """The meters' readings, on a portal that has its own index on the time (the one
+    the check's notice proposes): reconciliation reads its days by it."""
     with psycopg.connect(url) as conn:
+        conn.execute("CREATE INDEX power_measurements_time_idx ON monitoring.power_measurements (time)")
         for device in DEVICES:
             conn.execute(
                 "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh, voltage_v)"
@@ -463,23 +466,96 @@ def test_a_mapped_portal_digests_as_stored_and_a_deleted_device_day_is_healed(
     assert admin.measurements_sent_since(before) == (PER_DAY + PER_DAY // 2, 2 * PER_DAY)
 
 
-def test_the_digests_read_a_mapped_day_by_its_indexes(empty_db: str) -> None:
+def test_the_digests_read_a_mapped_day_by_the_portals_own_device_time_index(empty_db: str) -> None:
+    # EF Core's portal has its own index on ("DeviceId", "Time") (integer ids, local
+    # times): the day's rows are read a device at a time by it, on the columns as they
+    # are; the rows from before the cursor column by the cursor's index.
     _ef_portal(empty_db)
     with psycopg.connect(empty_db, autocommit=True) as conn:
+        conn.execute(_EF_INSERT, (_day_start(FIRST_DAY), DAYS * PER_DAY, 100 * PER_DAY))  # a few months more
         conn.execute('ANALYZE monitoring."PowerMeasurements"')
-        conn.execute("SET enable_seqscan = off")
         queries = DigestQueries(PortalSource(EF_MAPPING).table(conn, "measurements"), conn)
+        assert queries.days_by == "device"
+        assert [r[0] for r in conn.execute(queries.devices)] == ["1", "2"]
         params = {
             "start": _day_start(FIRST_DAY),
             "last": _day_start(FIRST_DAY + timedelta(days=1)) - timedelta(microseconds=1),
             "cx": str(2**40),
             "ct": "infinity",
             "cd": "",
-            "devices": ["1"],
+            "devices": ["1", "2"],
         }
-        for some in (False, True):
-            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries.digest[("xid", some)], params))
-            assert "Seq Scan" not in plan, plan
-            assert "PowerMeasurements_push_day_idx" in plan and "PowerMeasurements_push_legacy_idx" in plan, plan
-            # The day's bounds on the mapped time, read in the mapping's zone.
-            assert "Index Cond: ((timezone('Europe/Berlin'::text, \"Time\") >= " in plan, plan
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries.digest[("xid", True)], params))
+        assert "Seq Scan" not in plan, plan
+        assert "PowerMeasurements_push_cursor_idx" in plan, plan  # the legacy rows
+        # The devices and the day's bounds on the columns as they are (local times,
+        # a day wider), in the index's condition...
+        assert 'Index Scan on "IX_PowerMeasurements_DeviceId_Time"' in plan, plan
+        own = "Index Cond: ((\"DeviceId\" = ANY ('{1,2}'::integer[])) AND (\"Time\" >= '2026-11-01 01:00:00'::timestamp"
+        assert own in plan, plan
+        # ...and the UTC day exactly on the expression sent.
+        assert "(timezone('Europe/Berlin'::text, \"Time\") >= '2026-11-02 00:00:00+00'" in plan, plan
+
+
+# --- what reconciliation reads a day by: the portal's own index, or nothing -------------
+
+
+def test_a_portal_with_its_own_time_index_has_its_days_read_by_it(client_db: str) -> None:
+    fill_portal(client_db)  # the portal's own index on (time)
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO monitoring.power_measurements (time, device_id, power_w)"
+            " SELECT %s - g * interval '1 minute', 'meter-' || mod(g, 20), g FROM generate_series(1, 200000) g",
+            (_day_start(FIRST_DAY),),
+        )
+        conn.execute("ANALYZE monitoring.power_measurements")
+        queries = DigestQueries(PortalSource().table(conn, "measurements"), conn)
+        assert queries.days_by == "time"
+        params = {
+            "start": _day_start(FIRST_DAY),
+            "last": _day_start(FIRST_DAY + timedelta(days=1)) - timedelta(microseconds=1),
+            "cx": str(2**40),
+            "ct": "infinity",
+            "cd": "",
+        }
+        plan = "\n".join(r[0] for r in conn.execute("EXPLAIN " + queries.digest[("xid", False)], params))
+    assert "Seq Scan" not in plan, plan
+    assert "power_measurements_time_idx" in plan, plan  # every device of the day, one range
+    assert "Index Cond: ((\"time\" >= '2026-11-02 00:00:00+00'" in plan, plan
+
+
+def test_without_a_usable_index_reconciliation_is_off_and_says_what_to_create(
+    aws: Any, admin: Admin, client_db: str
+) -> None:
+    fill_portal(client_db)
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute("DROP INDEX monitoring.power_measurements_time_idx")  # a portal without one
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    service = service_for(client_db, aws, admin, clock)
+    seen: list[str] = []
+    original = module.metrics.add_metric
+
+    def record(name: str, unit: str, value: float) -> None:
+        seen.append(name)
+        original(name=name, unit=unit, value=value)
+
+    module.metrics.add_metric = record  # type: ignore[method-assign]
+    try:
+        reports = ticks(service, clock, 3)
+    finally:
+        module.metrics.add_metric = original  # type: ignore[method-assign]
+    # The measurements go on; the digests say why they wait, and what to create.
+    assert admin.rows() == portal_rows(client_db)
+    statement = 'CREATE INDEX CONCURRENTLY ON "monitoring"."power_measurements" ("time")'
+    for report in reports:
+        assert report["digests"]["outcome"] == "skipped"
+        assert "reconciliation is off" in report["digests"]["detail"] and statement in report["digests"]["detail"]
+    assert "ReconcileOff" in seen and "ReconcileDeviceDaysChecked" not in seen
+    assert verified(admin) == {}
+    assert admin.execute("SELECT count(*) FROM fleet.ingest_events WHERE batch_type = 'digests'") == [(0,)]
+    # The operator creates it as written: every device-day is digested and matches.
+    with psycopg.connect(client_db, autocommit=True) as conn:
+        conn.execute(statement)
+    ticks(service, clock, 8)
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}

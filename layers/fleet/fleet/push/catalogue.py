@@ -3,10 +3,12 @@ table and columns as they are, or every problem with them named."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import Literal
 
 import psycopg
 from psycopg import sql
@@ -47,6 +49,46 @@ SELECT a.attname, format_type(a.atttypid, a.atttypmod),
 """
 
 
+# The portal's valid indexes on the measurements table, with what each leads with.
+_INDEXES_QUERY = """
+SELECT c.relname, am.amname, i.indpred IS NULL,
+       i.indkey[0] = t.attnum,
+       i.indnkeyatts > 1 AND i.indkey[0] = d.attnum AND i.indkey[1] = t.attnum
+  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_am am ON am.oid = c.relam
+  LEFT JOIN pg_attribute t ON t.attrelid = i.indrelid AND t.attname = %(time)s
+  LEFT JOIN pg_attribute d ON d.attrelid = i.indrelid AND d.attname = %(device)s
+ WHERE i.indrelid = %(oid)s AND i.indisvalid AND i.indisready
+ ORDER BY c.relname
+"""
+DAY_INDEX_SUFFIX = "push_day_idx"  # the opt-in day index (mapping: reconcile_day_index)
+LEGACY_INDEX_SUFFIX = "push_legacy_idx"  # an earlier version's; the cursor index serves its reads
+
+
+def index_name(table: str, suffix: str) -> str:
+    """``<table>_<suffix>`` within PostgreSQL's 63 bytes (a long name keeps a hash)."""
+    name = f"{table}_{suffix}"
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha256(table.encode()).hexdigest()[:8]
+    head = table.encode()[: 63 - len(suffix) - 10].decode(errors="ignore")
+    return f"{head}_{digest}_{suffix}"
+
+
+@dataclass(frozen=True)
+class DayIndex:
+    """An index reconciliation reads one UTC day of the measurements by.
+
+    ``by``: ``time``, one range of time (the index leads with the time); ``device``,
+    per device a range of time (it leads with (device id, time)). ``raw``: it is on
+    the mapped columns themselves, so the digests' statements add a bound on the
+    columns as they are, besides the one on the expressions sent; otherwise it is the
+    opt-in day index, built on those very expressions."""
+
+    name: str
+    by: Literal["time", "device"]
+    raw: bool
+
+
 @dataclass(frozen=True)
 class Column:
     name: str  # as the catalogue spells it
@@ -72,6 +114,8 @@ class ResolvedTable:
     time_zone: str
     cursor: Column | None  # push_xid (measurements)
     owned: bool  # the connected role may ALTER it (add the cursor column, its indexes)
+    day_index: DayIndex | None = None  # measurements: what reconciliation reads a day by
+    indexes: tuple[str, ...] = ()  # measurements: the names of its valid indexes
 
     @property
     def ident(self) -> sql.Identifier:
@@ -196,15 +240,13 @@ def _check_table(
     columns = {spec.name: _check_column(table, spec, catalogue, problem) for spec in FIELDS[resource]}
     cursor = catalogue.get(CURSOR_COLUMN) if resource == "measurements" else None
     if resource == "measurements":
-        if cursor is not None and cursor.base != "xid8":
-            problem(f"column {CURSOR_COLUMN} exists and is {cursor.type}; the push's cursor column must be xid8")
-        elif cursor is None and need_cursor:
-            problem(
-                f"the cursor column {CURSOR_COLUMN} is missing from {table.table}: "
-                "run the client bootstrap (fleet db migrate --role client) with this mapping"
-            )
-        elif cursor is None and not owned:
-            problem(f"the connected role does not own {table.table}, so it cannot add the cursor column")
+        _check_cursor(table, cursor, need_cursor, bool(owned), problem)
+    indexes: tuple[str, ...] = ()
+    day_index = None
+    if resource == "measurements" and relkind == "r":
+        indexes, day_index = _day_index(conn, oid, name, columns)
+        for notice in _index_notices(mapping, schema, name, columns, indexes, day_index):
+            problem(notice, error=False)
     return ResolvedTable(
         resource,
         schema,
@@ -215,7 +257,92 @@ def _check_table(
         mapping.time_zone,
         cursor,
         bool(owned),
+        day_index,
+        indexes,
     )
+
+
+def _check_cursor(
+    table: TableMapping, cursor: Column | None, need_cursor: bool, owned: bool, problem: Callable[..., None]
+) -> None:
+    if cursor is not None and cursor.base != "xid8":
+        problem(f"column {CURSOR_COLUMN} exists and is {cursor.type}; the push's cursor column must be xid8")
+    elif cursor is None and need_cursor:
+        problem(
+            f"the cursor column {CURSOR_COLUMN} is missing from {table.table}: "
+            "run the client bootstrap (fleet db migrate --role client) with this mapping"
+        )
+    elif cursor is None and not owned:
+        problem(f"the connected role does not own {table.table}, so it cannot add the cursor column")
+
+
+def _day_index(
+    conn: psycopg.Connection, oid: int, table: str, columns: dict[str, Column | None]
+) -> tuple[tuple[str, ...], DayIndex | None]:
+    """The table's valid indexes, and the one reconciliation reads a UTC day by: the
+    opt-in day index when it is there, else one of the portal's own that leads with the
+    time column (a B-tree before a BRIN), else one on (device id, time). A partial index
+    of the portal's own is not used (its predicate need not hold the day's rows)."""
+    at, device = columns.get("time"), columns.get("device_id")
+    params = {"oid": oid, "time": at.name if at else None, "device": device.name if device else None}
+    rows = conn.execute(_INDEXES_QUERY, params).fetchall()
+    names = tuple(str(r[0]) for r in rows)
+    own = index_name(table, DAY_INDEX_SUFFIX)
+    if own in names:
+        return names, DayIndex(own, "time", raw=False)
+    for wanted in ("btree", "brin"):
+        for name, method, whole, leads_with_time, _ in rows:
+            if method == wanted and whole and leads_with_time:
+                return names, DayIndex(name, "time", raw=True)
+    for name, method, whole, _, device_then_time in rows:
+        if method == "btree" and whole and device_then_time:
+            return names, DayIndex(name, "device", raw=True)
+    return names, None
+
+
+def day_index_statement(schema: str, table: str, columns: dict[str, Column | None]) -> str:
+    """The index an operator may create for reconciliation's days: on the time column
+    as it is (useful to the portal's own queries by time, too)."""
+    at = columns.get("time")
+    return f"CREATE INDEX CONCURRENTLY ON {quote(schema)}.{quote(table)} ({quote(at.name if at else 'time')})"
+
+
+def _index_notices(
+    mapping: SourceMapping,
+    schema: str,
+    table: str,
+    columns: dict[str, Column | None],
+    indexes: tuple[str, ...],
+    day_index: DayIndex | None,
+) -> list[str]:
+    """What the operator should act on about the indexes reconciliation reads by (the
+    contract: the client bootstrap adds only the cursor column and its index); none
+    when a usable index is in place and nothing of an earlier version is left."""
+    notices = []
+    legacy = index_name(table, LEGACY_INDEX_SUFFIX)
+    if not mapping.is_default and legacy in indexes:
+        notices.append(
+            f"index {schema}.{legacy} was built by an earlier version of the client bootstrap; the cursor's index "
+            f"now serves the rows from before the cursor column too, so it is not needed: "
+            f"DROP INDEX CONCURRENTLY {quote(schema)}.{quote(legacy)} removes it"
+        )
+    create = day_index_statement(schema, table, columns)
+    if day_index is None:
+        notices.append(
+            "reconciliation is off: no index of the table reads one UTC day of measurements (none leads with the "
+            f"time column, or with the device id and then the time); create one ({create}), or set "
+            '"reconcile_day_index": true under measurements in the source mapping and the client bootstrap '
+            f"builds {schema}.{index_name(table, DAY_INDEX_SUFFIX)} concurrently"
+        )
+    elif day_index.name == index_name(table, DAY_INDEX_SUFFIX) and not mapping.measurements.reconcile_day_index:
+        notices.append(
+            f"index {schema}.{day_index.name} was built by an earlier version of the client bootstrap for "
+            "reconciliation; the contract does not require it and the bootstrap no longer builds it unless the "
+            'mapping says "reconcile_day_index": true. Reconciliation reads days by it while it exists; '
+            f"DROP INDEX CONCURRENTLY {quote(schema)}.{quote(day_index.name)} removes it (reconciliation then "
+            f"needs an index of the portal's own that leads with the time, e.g. {create}, or it is off)"
+        )
+    return notices
 
 
 def _check_column(

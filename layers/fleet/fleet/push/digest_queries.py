@@ -4,6 +4,8 @@ the catalogue have it."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg
 from psycopg import sql
 
@@ -30,15 +32,38 @@ LEFT JOIN (SELECT d::text AS d, (t AT TIME ZONE 'UTC')::date AS day FROM chunk
 """
 
 
+# Devices by a loose scan of an index that leads with the device id: one probe a
+# device (PostgreSQL 15 has no skip scan), never the table.
+_DEVICES = """
+WITH RECURSIVE d(v) AS (
+    (SELECT {col} FROM {table} WHERE {col} IS NOT NULL ORDER BY {col} LIMIT 1)
+    UNION ALL
+    SELECT (SELECT {col} FROM {table} WHERE {col} > d.v ORDER BY {col} LIMIT 1) FROM d WHERE d.v IS NOT NULL
+)
+SELECT v::text FROM d WHERE v IS NOT NULL
+"""
+# A `timestamp` column's local times against a UTC day's bounds: the mapping's zone
+# can shift a local time from its instant by up to a day at an offset change (Pacific/
+# Apia skipped a day), so the bound on the column itself is this much wider; the
+# bound on the instant (the expression sent) stays exact.
+_LOCAL_PAD = "1 day"
+
+
 class DigestQueries:
     """The digests' statements for the measurements table as the source mapping and
     the catalogue have it (fleet.push.queries.MeasurementQueries is the push's own):
     the time as timestamptz (a ``timestamp`` read in the mapping's zone), the device
     id as text, each metric as float8 in the contract's unit, scale applied: the very
-    expressions the push sends, so the digest is that of what the ingest stores. A
-    day's rows are read by two partial indexes on (time, device id), both built
-    concurrently by the client bootstrap (fleet.schema.portal.prepare_cursor) on the
-    same expressions: the legacy index and the day index."""
+    expressions the push sends, so the digest is that of what the ingest stores.
+
+    A day's rows are read by indexes only (``table.day_index``, found by the
+    catalogue): the rows from before the cursor column (push_xid NULL) by the cursor's
+    index, the others by the portal's own index that leads with the time (or with the
+    device id and the time: then a device at a time) or by the opt-in day index. On a
+    portal's own index the statements also bound the columns as they are (a
+    ``timestamp`` in local time, an integer device id), which is what that index
+    holds. Without such an index ``days_by`` is None and there are no day statements:
+    reconciliation is off (fleet.push.digests says so)."""
 
     def __init__(self, table: ResolvedTable, conn: psycopg.Connection) -> None:
         def text(part: sql.Composable) -> str:
@@ -53,9 +78,42 @@ class DigestQueries:
         self._source = text(sql.SQL("{} AS src").format(table.ident))
         self.table = table
         self.columns = RowColumns(at, device, self._metrics)
+        index = table.day_index
+        self.days_by = index.by if index is not None else None
+        self._raw = ""
+        self.devices = ""
+        if index is not None and index.raw:
+            self._raw = self._raw_bounds(table, text, index.by == "device")
+        if index is not None and index.by == "device":
+            column = table.column("device_id")
+            assert column is not None  # a required field: the catalogue has it
+            self.devices = _DEVICES.format(col=text(sql.Identifier("src", column.name)), table=self._source)
         self.digest = {(phase, some): self._digest(phase, some) for phase in _PHASES for some in (False, True)}
         self.resend = {phase: self._resend(phase) for phase in _PHASES}
         self.changed = {(phase, upto): self._changed(phase, upto) for phase in _PHASES for upto in (False, True)}
+
+    @staticmethod
+    def _raw_bounds(table: ResolvedTable, text: Callable[[sql.Composable], str], by_device: bool) -> str:
+        """The day's bounds (and the devices) on the mapped columns as they are, for
+        the portal's own index."""
+        at, device = table.column("time"), table.column("device_id")
+        assert at is not None and device is not None  # required fields
+        column = text(sql.Identifier("src", at.name))
+        if at.base == "timestamptz":
+            bounds = ""  # the expression sent is the column itself
+        elif table.time_zone == "UTC":
+            bounds = f" AND {column} >= %(start)s::timestamptz AT TIME ZONE 'UTC'"
+            bounds += f" AND {column} <= %(last)s::timestamptz AT TIME ZONE 'UTC'"
+        else:
+            zone = text(sql.Literal(table.time_zone))
+            pad = f"interval '{_LOCAL_PAD}'"
+            bounds = f" AND {column} >= timezone({zone}, %(start)s::timestamptz) - {pad}"
+            bounds += f" AND {column} <= timezone({zone}, %(last)s::timestamptz) + {pad}"
+        if by_device and device.base != "text":
+            own = text(sql.Identifier("src", device.name))
+            # Only ids the portal's own rows hold are asked for (the devices statement's).
+            bounds += f" AND {own} = ANY(CAST(%(devices)s::text[] AS {text(sql.SQL(device.type))}[]))"
+        return bounds
 
     def _day_rows(self, phase: str, some_devices: bool, columns: str, also: str = "") -> str:
         """The ingestible rows of one day the cursor has passed (of some devices)."""
@@ -80,6 +138,8 @@ class DigestQueries:
             ],
         }
         devices = f" AND {device} = ANY(%(devices)s::text[])" if some_devices else ""
+        if some_devices or self.days_by != "device":
+            also += self._raw
         return " UNION ALL ".join(
             f"SELECT {columns} FROM {self._source} WHERE {part} AND {at} >= %(start)s AND {at} <= %(last)s"
             f" AND {ingestible}{devices}{also}"
@@ -120,7 +180,7 @@ class DigestQueries:
             "legacy": f" AND ({at}, {device}) <= (%(ct)s::timestamptz, %(cd)s)",
             "xid": f" AND ({xid}, {at}, {device}) <= (%(cx)s::xid8, %(ct)s::timestamptz, %(cd)s)",
         }[phase]
-        order = {"legacy": f"{at}, {device}", "xid": f"{xid}, {at}, {device}"}[phase]
+        order = f"{xid}, {at}, {device}"  # the cursor index's (push_xid is NULL in the legacy phase)
         return _CHANGED.format(
             xid=xid,
             at=at,

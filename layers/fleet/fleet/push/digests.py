@@ -34,6 +34,7 @@ import psycopg
 from botocore.exceptions import ClientError
 
 from fleet.observability import logger, metrics
+from fleet.push.catalogue import day_index_statement
 from fleet.push.codec import gzip_body
 from fleet.push.cursor import Cursor
 from fleet.push.digest_queries import DigestQueries
@@ -72,6 +73,7 @@ class DigestPush:
     ) -> None:
         self.source = source or PortalSource()  # where the portal keeps its measurements
         self._queries: DigestQueries | None = None  # this tick's, from the catalogue
+        self._devices: set[str] | None = None  # this tick's device ids, when days are read by device
         self.state = state
         self.client = client
         self.settings = settings
@@ -150,8 +152,13 @@ class DigestPush:
         doc.tick += 1
         today = datetime.fromtimestamp(self.clock(), UTC).date()
         self._queries = None  # the table is looked up again each tick, as the push does
+        queries = self._statements(conn)
+        if queries.days_by is None:
+            self._off(queries, rep)
+            return
         with conn.transaction():
             conn.execute(BEGIN_SNAPSHOT)
+            self._devices = set(r[0] for r in conn.execute(queries.devices)) if queries.days_by == "device" else None
             self._scan_changed(conn, doc, cursor, deadline)
             work = self._choose(doc, today)
             digests = self._digests(conn, cursor, work, deadline)
@@ -165,6 +172,21 @@ class DigestPush:
         metrics.add_metric(name="ReconcileUnhealed", unit="Count", value=unhealed)
         if differ:
             logger.warning("device-days differ from the Admin", extra={"differ": list(differ.values())[:20]})
+
+    @staticmethod
+    def _off(queries: DigestQueries, rep: ResourceReport) -> None:
+        """No index reads a UTC day of the portal's measurements: digesting a day would
+        scan the whole table, so reconciliation waits (nothing pending is lost: the
+        changed-days scan resumes from where it stood) and says what to create."""
+        table = queries.table
+        statement = day_index_statement(table.schema, table.name, table.columns)
+        rep.outcome = "skipped"
+        rep.detail = (
+            f"reconciliation is off: no index reads one UTC day of {table.plain}; create one ({statement}),"
+            ' or set "reconcile_day_index": true in the source mapping and run the client bootstrap'
+        )
+        metrics.add_metric(name="ReconcileOff", unit="Count", value=1)
+        logger.warning(rep.detail)
 
     def _scan_changed(self, conn: psycopg.Connection, doc: DigestState, cursor: Cursor, deadline: float) -> None:
         """Move the scan's position towards the cursor, adding the days of the rows
@@ -246,12 +268,17 @@ class DigestPush:
         self, conn: psycopg.Connection, cursor: Cursor, work: dict[date, set[str] | None], deadline: float
     ) -> dict[Key, dict[str, Any]]:
         out: dict[Key, dict[str, Any]] = {}
+        known = self._devices  # by device: the ids the portal's rows hold
         for day, devices in sorted(work.items()):
-            statement = self._statements(conn).digest[(cursor.phase, devices is not None)]
-            params = self._day_params(cursor, day)
-            if devices is not None:
-                params["devices"] = sorted(devices)
-            found = {device: (int(n), h) for device, n, h in conn.execute(statement, params)}
+            asked = devices if known is None or devices is None else devices & known
+            ask = sorted(known) if asked is None and known is not None else asked
+            found: dict[str, tuple[int, str]] = {}
+            if ask is None or ask:
+                statement = self._statements(conn).digest[(cursor.phase, ask is not None)]
+                params = self._day_params(cursor, day)
+                if ask is not None:
+                    params["devices"] = sorted(ask)
+                found = {device: (int(n), h) for device, n, h in conn.execute(statement, params)}
             # A device asked for by name and holding no row that day: the Admin should
             # hold none either.
             for device in devices or ():
@@ -314,6 +341,8 @@ class DigestPush:
             if d["outcome"] not in HEALABLE or attempts >= self.settings.heal_attempts:
                 continue
             device, day = key
+            if self._devices is not None and device not in self._devices:
+                continue  # no row of it on the portal: nothing to re-send
             params = self._day_params(cursor, day) | {"devices": [device], "after": "-infinity"}
             size = self.settings.batch_size
             statement = self._statements(conn).resend[cursor.phase]

@@ -25,6 +25,10 @@ in which ``timestamp`` (without time zone) columns are read. A resource left out
 read from the project's own table (``monitoring.sites``, ...): the empty mapping is
 the default, today's tables.
 
+``"reconcile_day_index": true`` under ``measurements`` is the operator's consent to one
+more index on the portal's table, for reconciliation's days, when the portal has no
+index of its own that reads a day (fleet.push.catalogue finds one).
+
 Ids of any usual type (text, integers, uuid) are sent as text; times may be
 ``timestamptz`` or ``timestamp``; metrics ``real``, ``double precision``, ``numeric``
 or integers.
@@ -231,6 +235,9 @@ class DevicesMapping(TableMapping):
 class MeasurementsMapping(TableMapping):
     resource: ClassVar[Resource] = "measurements"
     table: str = DEFAULT_TABLES["measurements"]
+    # The operator's consent to one more index on the portal's table, for
+    # reconciliation's UTC days, when the portal has none that leads with the time.
+    reconcile_day_index: bool = False
 
 
 class SourceMapping(BaseModel):
@@ -248,7 +255,9 @@ class SourceMapping(BaseModel):
 
     @property
     def is_default(self) -> bool:
-        return self == DEFAULT_MAPPING
+        """The project's own tables (consent to the day index or not)."""
+        plain = self.measurements.model_copy(update={"reconcile_day_index": False})
+        return self.model_copy(update={"measurements": plain}) == DEFAULT_MAPPING
 
 
 DEFAULT_MAPPING = SourceMapping()

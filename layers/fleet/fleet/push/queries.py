@@ -5,7 +5,8 @@ Every expression comes from psycopg.sql (identifiers and literals quoted by it),
 from the table as the catalogue has it. The cursor's key is (push_xid, time, device
 id) in the form it is sent: time as timestamptz (a ``timestamp`` column read in the
 mapping's zone), the device id as text. The cursor index is built on those very
-expressions (fleet.schema.portal), so the keyset and ORDER BY use it, and a key read
+expressions (fleet.schema.portal), so the keyset and ORDER BY of both phases use it
+(the legacy rows, push_xid NULL, too), and a key read
 back from the cursor compares exactly as it was sent, whatever the column's type.
 
 Output columns are aliased x, t, d, m0..m5, and the table's columns are referred to
@@ -104,8 +105,11 @@ class MeasurementQueries:
             "{xid} IS NOT NULL AND ({xid}, {at}, {device}) > (%(xid)s::xid8, %(time)s::timestamptz, %(device)s)"
             " AND {xid} < pg_snapshot_xmin(pg_current_snapshot())"
         ).format(xid=xid, at=at, device=device)
-        legacy_order = sql.SQL("{}, {}").format(at, device)
+        # The legacy rows all have push_xid NULL, so ordering them by it too changes
+        # nothing but lets the one cursor index (push_xid, time, device id) give their
+        # (time, device id) order: IS NULL is an equality to a B-tree.
         xid_order = sql.SQL("{}, {}, {}").format(xid, at, device)
+        legacy_order = xid_order
         select = "SELECT {columns} FROM {source} WHERE {where} ORDER BY {order} LIMIT %(limit)s"
         self.select: dict[Phase, sql.Composed] = {
             "legacy": sql.SQL(select).format(columns=columns, source=source, where=legacy_where, order=legacy_order),

@@ -1,19 +1,25 @@
 """The client role on the customer's portal database, through the push's source
 mapping (fleet.push.mapping), checked against the catalogue before anything runs.
 
-It adds only the push's cursor column and its indexes (the cursor's order, and the
-day's range reconciliation digests by) to the mapped measurements table, without a
-write outage: the column nullable first, then its default (neither rewrites the
-table), each ALTER waiting at most a moment for its lock and retried; the indexes
-built with CREATE INDEX CONCURRENTLY outside any transaction, and an index an
-interrupted build left invalid is dropped and built again. The project's own portal
-tables (sql/client/) are created only with the default mapping, by the runner.
+It adds only the push's cursor column and the cursor's index to the mapped
+measurements table, as the contract says, without a write outage: the column
+nullable first, then its default (neither rewrites the table), each ALTER waiting at
+most a moment for its lock and retried; the index built with CREATE INDEX
+CONCURRENTLY outside any transaction, and an index an interrupted build left invalid
+is dropped and built again. The one index serves both phases of the cursor (rows
+from before the column have push_xid NULL, and are read by it in (time, device id)
+order). Reconciliation reads a UTC day by an index the portal already has (one that
+leads with the time column, or with the device id and the time;
+fleet.push.catalogue finds it); a day index is built only with the operator's
+consent in the mapping (``"reconcile_day_index": true``). An index an earlier
+version built is never dropped: the check's notices say what it is for and how to
+drop it. The project's own portal tables (sql/client/) are created only with the
+default mapping, by the runner, with the indexes their migration names.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,6 +55,7 @@ def migrate_client(
 
     if mapping is None:
         mapping = configured_mapping()
+    day_index = mapping.measurements.reconcile_day_index
     if conn.autocommit is False or conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise MigrationError("the client migration needs an autocommit connection outside a transaction")
     with _session_lock(conn):
@@ -57,7 +64,7 @@ def migrate_client(
             first.findings = [f for f in first.findings if (f.resource, f.field) != ("measurements", "received_at")]
         first.raise_for_errors()
         table = first.tables.get("measurements")
-        changes = prepare_cursor(conn, table, mapping.is_default) if table is not None else []
+        changes = prepare_cursor(conn, table, mapping.is_default, day_index) if table is not None else []
         if mapping.is_default:
             result = _apply_retrying_locks(conn, root)
         else:
@@ -66,7 +73,7 @@ def migrate_client(
         final = check(conn, mapping)
         table = final.tables.get("measurements")
         if table is not None and not final.errors:
-            result.changes += prepare_cursor(conn, table, mapping.is_default)
+            result.changes += prepare_cursor(conn, table, mapping.is_default, day_index)
         final.raise_for_errors()
         result.notices = [str(n) for n in final.notices]
     return result
@@ -156,22 +163,15 @@ def _index_valid(conn: psycopg.Connection, schema: str, name: str) -> bool | Non
     return None if row is None else bool(row[0])
 
 
-def index_name(table: str, suffix: str) -> str:
-    """``<table>_<suffix>`` within PostgreSQL's 63 bytes (a long name keeps a hash)."""
-    name = f"{table}_{suffix}"
-    if len(name.encode()) <= 63:
-        return name
-    digest = hashlib.sha256(table.encode()).hexdigest()[:8]
-    head = table.encode()[: 63 - len(suffix) - 10].decode(errors="ignore")
-    return f"{head}_{digest}_{suffix}"
-
-
-def prepare_cursor(conn: psycopg.Connection, table: ResolvedTable, default_tables: bool) -> list[str]:
+def prepare_cursor(
+    conn: psycopg.Connection, table: ResolvedTable, default_tables: bool, day_index: bool = False
+) -> list[str]:
     """The push's cursor on the mapped measurements table: ``push_xid xid8 DEFAULT
     pg_current_xact_id()`` (nullable first, then the default: no rewrite; rows from
-    before keep NULL and are pushed first) and the indexes of the cursor's order and
-    of reconciliation's days, on the very expressions the push reads by
-    (fleet.push.queries.cursor_key)."""
+    before keep NULL and are pushed first) and the index of the cursor's order, on the
+    very expressions the push reads by (fleet.push.queries.cursor_key). ``day_index``:
+    the operator consented to reconciliation's day index as well."""
+    from fleet.push.catalogue import DAY_INDEX_SUFFIX, LEGACY_INDEX_SUFFIX, index_name
     from fleet.push.queries import cursor_key
 
     changes: list[str] = []
@@ -196,16 +196,18 @@ def prepare_cursor(conn: psycopg.Connection, table: ResolvedTable, default_table
     at, device = cursor_key(table, qualified=False)
     indexes: list[tuple[str, sql.Composable]] = [
         ("push_cursor_idx", sql.SQL("(push_xid, ({}), ({}))").format(at, device)),
-        ("push_legacy_idx", sql.SQL("(({}), ({})) WHERE push_xid IS NULL").format(at, device)),
-        # Reconciliation digests one UTC day at a time (every device of it, or a few):
-        # a range of time, which the cursor's index (push_xid first) cannot serve; the
-        # legacy index serves the rows from before the cursor column.
-        ("push_day_idx", sql.SQL("(({}), ({})) WHERE push_xid IS NOT NULL").format(at, device)),
     ]
+    if day_index:
+        # Reconciliation digests one UTC day at a time: a range of time, which the
+        # cursor's index serves only for the rows from before the cursor column
+        # (push_xid NULL). Built only with the operator's consent (the mapping).
+        indexes.append((DAY_INDEX_SUFFIX, sql.SQL("(({}), ({})) WHERE push_xid IS NOT NULL").format(at, device)))
     if default_tables:
-        # The project's own tables have it (sql/client/001), and its index: both done
-        # here first (the column's default is stable: no rewrite), so that the
-        # migration finds them in place on a table that holds rows.
+        # The project's own tables have these (sql/client/001: the legacy index and
+        # received_at with its index): done here first, concurrently (the column's
+        # default is stable: no rewrite), so that the migration's plain CREATE INDEX
+        # IF NOT EXISTS finds them in place on a table that holds rows.
+        indexes.append((LEGACY_INDEX_SUFFIX, sql.SQL("(({}), ({})) WHERE push_xid IS NULL").format(at, device)))
         if table.column("received_at") is None:
             _alter(
                 conn,
