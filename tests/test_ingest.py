@@ -481,6 +481,72 @@ def test_truncated_gzip_is_400(api: IngestClient) -> None:
     assert [r[0] for r in audit_rows(api)] == [400, 400]
 
 
+def _gzip_bodies() -> dict[str, bytes]:
+    whole = gzip.compress(json.dumps({"items": [m(NOW)]}).encode())
+    bad_crc = bytearray(whole)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 of the trailer
+    bad_length = bytearray(whole)
+    bad_length[-1] ^= 0xFF  # the length of the trailer
+    bad_block = bytearray(whole)
+    bad_block[10] = 0xFF  # a reserved block type
+    return {
+        "not-gzip": b"not gzip at all",
+        "short-not-gzip": b"{}",
+        "json-not-gzip": json.dumps({"items": [m(NOW)]}).encode(),
+        "empty": b"",
+        "cut-short": whole[: len(whole) // 2],
+        "header-only": whole[:10],
+        "bad-crc": bytes(bad_crc),
+        "bad-length": bytes(bad_length),
+        "bad-block": bytes(bad_block),
+        "trailing-garbage": whole + b"garbage",
+        "second-member-cut-short": whole + whole[:20],
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not-gzip", "body is not valid gzip"),
+        ("short-not-gzip", "body is not valid gzip"),
+        ("json-not-gzip", "body is not valid gzip"),
+        ("empty", "body is not valid gzip"),
+        ("cut-short", "gzip body is truncated"),
+        ("header-only", "gzip body is truncated"),
+        ("bad-crc", "gzip body is corrupt"),
+        ("bad-length", "gzip body is corrupt"),
+        ("bad-block", "gzip body is corrupt"),
+        ("trailing-garbage", "unexpected data after the gzip stream"),
+        ("second-member-cut-short", "gzip body is truncated"),
+    ],
+)
+def test_each_broken_gzip_body_is_400_saying_what_is_wrong(api: IngestClient, case: str, message: str) -> None:
+    answer = api.post("measurements", body=_gzip_bodies()[case], headers={"content-encoding": "gzip"})
+    assert answer.status == 400
+    assert answer.body["message"].startswith(message), answer.body["message"]
+    assert audit_rows(api)[-1][0] == 400
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 0
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(api: IngestClient) -> None:
+    # RFC 1952: a gzip file is a series of members; gunzip joins their contents.
+    body = json.dumps({"items": [m(NOW + timedelta(seconds=i)) for i in range(4)]}).encode()
+    members = b"".join(gzip.compress(body[i : i + 40]) for i in range(0, len(body), 40))
+    answer = api.post("measurements", body=members + b"\x00" * 8, headers={"content-encoding": "gzip"})
+    assert answer.status == 200, answer.body
+    assert answer.body["accepted"] == 4
+    assert api.one("SELECT decompressed_bytes FROM fleet.ingest_events") == len(body)
+
+
+def test_the_decompressed_cap_holds_across_gzip_members(api: IngestClient) -> None:
+    # Each member well under the cap (1,000,000 bytes here), all of them over it.
+    member = gzip.compress(b" " * 300_000)
+    body = gzip.compress(b'{"items": []}') + member * 4
+    answer = api.post("measurements", body=body, headers={"content-encoding": "gzip"})
+    assert answer.status == 413
+    assert "decompressed" in answer.body["message"]
+
+
 def test_token_with_a_bad_checksum_is_refused_without_a_lookup(api: IngestClient) -> None:
     token = api.token
     last = token[-1]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC
@@ -52,20 +53,43 @@ def _without_nul_patterns(schema: Any) -> Any:
 _INFLATE_ERROR: type[Exception] = isal_zlib.error  # type: ignore[assignment]
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
 def gunzip_capped(data: bytes, cap: int) -> bytes:
-    """Decompress one gzip stream, refusing output over ``cap`` bytes (no bombs)."""
-    inflater = isal_zlib.decompressobj(wbits=31)  # zlib's interface, 5x faster
-    try:
-        out = inflater.decompress(data, cap + 1)
-    except _INFLATE_ERROR:
-        raise InvalidRequest("body is not valid gzip") from None
-    if len(out) > cap:
-        raise BatchTooLarge(f"decompressed body is over {cap} bytes")
-    if not inflater.eof:
-        raise InvalidRequest("gzip body is truncated")
-    if inflater.unused_data.strip(b"\x00"):
-        raise InvalidRequest("unexpected data after the gzip stream")
-    return out
+    """Decompress a gzip body, refusing output over ``cap`` bytes (no bombs).
+
+    As gzip (RFC 1952) defines it: one member or several one after another (their
+    contents joined, as gunzip does), zero bytes of padding after the last. Each
+    refusal says what is wrong: not gzip at all, a corrupt stream (a bad block, CRC or
+    length), a stream cut short, or data after the end that is not another member."""
+    if not data.startswith(_GZIP_MAGIC):
+        raise InvalidRequest("body is not valid gzip (no gzip header)")
+    parts: list[bytes] = []
+    size = 0
+    rest = data
+    while True:
+        inflater = isal_zlib.decompressobj(wbits=31)  # zlib's interface, 5x faster
+        try:
+            out = inflater.decompress(rest, cap - size + 1)
+        except _INFLATE_ERROR as exc:
+            raise InvalidRequest(f"gzip body is corrupt ({_inflate_problem(exc)})") from None
+        size += len(out)
+        if size > cap:
+            raise BatchTooLarge(f"decompressed body is over {cap} bytes")
+        parts.append(out)
+        if not inflater.eof:
+            raise InvalidRequest("gzip body is truncated")
+        rest = inflater.unused_data
+        if not rest.strip(b"\x00"):
+            return parts[0] if len(parts) == 1 else b"".join(parts)
+        if not rest.startswith(_GZIP_MAGIC):
+            raise InvalidRequest("unexpected data after the gzip stream")
+
+
+def _inflate_problem(exc: Exception) -> str:
+    """zlib's words for what is wrong, without its error code."""
+    return re.sub(r"^(?:.*: )?Error -?\d+ ", "", str(exc)).lower()
 
 
 def check_content_type(content_type: str | None) -> None:
