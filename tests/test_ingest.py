@@ -355,6 +355,19 @@ def test_envelope_errors_are_400_audited_and_quarantined(api: IngestClient, body
     assert api.one("SELECT payload FROM fleet.quarantine") == body
 
 
+def _post_by(path: str, api: IngestClient, monkeypatch: pytest.MonkeyPatch, items: list[str]) -> Answer:
+    """Measurements (each as its JSON text) in a body parsed whole, or item by item
+    from its bytes (as a body too large to parse whole is)."""
+    body = '{"items": [' + ", ".join(items) + "]}"
+    if path == "item-by-item":
+        from fleet.ingest import parse, spans
+
+        per_item = 12  # over what any item here holds, under what the body holds
+        assert spans.json_values(body.encode()) > per_item
+        monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", per_item)
+    return api.post("measurements", body=body)
+
+
 def _rejected(api: IngestClient, bad: list[dict[str, Any]], good_count: int = 3) -> Answer:
     good = [m(NOW + timedelta(seconds=i), device="good") for i in range(good_count)]
     items: list[Any] = [good[0], *bad, *good[1:]]
@@ -428,6 +441,68 @@ def test_text_postgresql_cannot_store_is_rejected_not_fatal(api: IngestClient) -
     assert answer.status == 200
     assert answer.body["accepted"] == 3
     assert answer.body["rejected"] == 2
+
+
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_a_lone_surrogate_in_an_ignored_field_does_not_reject_the_item(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # json accepts a lone surrogate escape, pydantic-core's parser does not: an unknown
+    # field holding one (as a value, a key, deep inside) is ignored as any other.
+    t = NOW.isoformat()
+    items = [
+        json.dumps(m(NOW, device="good")),
+        f'{{"time": "{t}", "device_id": "a", "note": "\\ud800"}}',
+        f'{{"time": "{t}", "device_id": "b", "\\udc00key": 1}}',
+        f'{{"time": "{t}", "device_id": "c", "extra": {{"x": ["\\udbff", {{"\\ud800": 2}}]}}}}',
+        f'{{"time": "{t}", "device_id": "d", "pair": "\\ud83d\\ude00"}}',
+    ]
+    answer = _post_by(path, api, monkeypatch, items)
+    assert answer.status == 200, answer.body
+    assert answer.body == {"accepted": 5, "duplicates": 0, "rejected": 0, "errors": []}
+    assert [r[0] for r in api.sql("SELECT device_id FROM fleet.power_measurements ORDER BY 1")] == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "good",
+    ]
+
+
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_a_lone_surrogate_in_a_known_field_is_rejected_with_a_reason(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    t = NOW.isoformat()
+    items = [
+        json.dumps(m(NOW, device="good")),
+        f'{{"time": "{t}", "device_id": "meter-\\ud800", "note": "\\udc00"}}',
+        '{"time": "not a time", "device_id": "\\udfff"}',
+        json.dumps(m(NOW + timedelta(seconds=1), device="good")),
+    ]
+    answer = _post_by(path, api, monkeypatch, items)
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (2, 2)
+    errors = answer.body["errors"]
+    assert [e["index"] for e in errors] == [1, 2]
+    for error in errors:
+        assert error["reason"].startswith("device_id: holds a lone UTF-16 surrogate")
+        assert "PostgreSQL" in error["reason"]
+        assert "hex escape" not in error["reason"]
+    assert "time:" in errors[1]["reason"]  # what else is wrong is said too
+    # The item kept as sent: its JSON gives the surrogate back.
+    assert (
+        json.loads(api.one("SELECT payload FROM fleet.quarantine WHERE item_index = 1"))["device_id"] == "meter-\ud800"
+    )
+
+
+def test_a_site_or_device_with_a_lone_surrogate_only_in_an_ignored_field_lands(api: IngestClient) -> None:
+    sites = '{"items": [{"id": "s1", "name": "Plant", "legacy": "\\ud800"}]}'
+    assert api.post("sites", body=sites).body["accepted"] == 1
+    devices = '{"items": [{"id": "d1", "site_id": "s1", "name": "\\ud800"}]}'
+    answer = api.post("devices", body=devices)
+    assert (answer.body["accepted"], answer.body["rejected"]) == (0, 1)
+    assert answer.body["errors"][0]["reason"].startswith("name: holds a lone UTF-16 surrogate")
 
 
 @pytest.mark.parametrize(
