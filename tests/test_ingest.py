@@ -429,6 +429,37 @@ def test_ids_over_64_characters_are_rejected(api: IngestClient) -> None:
     assert "64" in answer.body["errors"][0]["reason"]
 
 
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_an_id_made_only_of_whitespace_is_rejected_and_others_kept_as_sent(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    blank = [" ", "\t", "   \n ", "\u00a0", "\u3000\u2003"]
+    kept = [" meter-1", "meter-1 ", " \u00a0x\t"]
+    items = [m(NOW, device=d) for d in [*blank, *kept]]
+    answer = _post_by(path, api, monkeypatch, [json.dumps(i) for i in items])
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (len(kept), len(blank))
+    assert [e["index"] for e in answer.body["errors"]] == list(range(len(blank)))
+    assert all(e["reason"].startswith("device_id: must not be only whitespace") for e in answer.body["errors"])
+    stored = {r[0] for r in api.sql("SELECT device_id FROM fleet.power_measurements")}
+    assert stored == set(kept)  # never trimmed: ids are the client's own
+
+
+def test_a_site_or_device_id_made_only_of_whitespace_is_rejected(api: IngestClient) -> None:
+    sites = api.post("sites", [{"id": " ", "name": "Blank"}, {"id": " s1 ", "name": "Plant"}])
+    assert (sites.body["accepted"], sites.body["rejected"]) == (1, 1)
+    assert sites.body["errors"][0]["reason"].startswith("id: must not be only whitespace")
+    devices = api.post("devices", [{"id": "d1", "site_id": "\t", "name": "Meter"}])
+    assert devices.body["errors"][0]["reason"].startswith("site_id: must not be only whitespace")
+    assert api.sql("SELECT id FROM fleet.sites") == [(" s1 ",)]
+    assert api.one("SELECT count(*) FROM fleet.devices") == 0
+
+
+def test_a_nul_in_an_id_is_rejected_with_a_reason(api: IngestClient) -> None:
+    answer = _rejected(api, [m(NOW, device="a\x00b")])
+    assert "NUL" in answer.body["errors"][0]["reason"]
+
+
 def test_text_postgresql_cannot_store_is_rejected_not_fatal(api: IngestClient) -> None:
     body = '{{"items": [{}, {{"time": "{}", "device_id": "a\\u0000b"}}, {{"time": "{}", "device_id": "\\ud800"}}, {}, {}]}}'.format(
         json.dumps(m(NOW, device="good")),

@@ -37,13 +37,16 @@ def envelope_validator(batch_type: BatchType, max_items: int) -> SchemaValidator
 
 
 def _without_nul_patterns(schema: Any) -> Any:
-    """A copy of a pydantic-core schema with the NUL patterns of models.py left out."""
+    """A copy of a pydantic-core schema with the NUL patterns of models.py left out
+    (or cut to what they check besides NUL)."""
     if isinstance(schema, dict):
-        return {
-            key: _without_nul_patterns(value)
-            for key, value in schema.items()
-            if not (key == "pattern" and value in NUL_PATTERNS)
-        }
+        copy = {key: _without_nul_patterns(value) for key, value in schema.items()}
+        if copy.get("pattern") in NUL_PATTERNS:
+            if (kept := NUL_PATTERNS[copy["pattern"]]) is None:
+                del copy["pattern"]
+            else:
+                copy["pattern"] = kept
+        return copy
     if isinstance(schema, list):
         return [_without_nul_patterns(value) for value in schema]
     return schema
