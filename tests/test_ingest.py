@@ -704,6 +704,33 @@ def test_a_row_repeated_inside_one_batch_counts_once(api: IngestClient) -> None:
     assert api.one("SELECT count(*) FROM fleet.power_measurements") == 1
 
 
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_times_are_kept_to_the_microsecond_and_a_reading_below_it_is_a_duplicate(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # PostgreSQL keeps microseconds: the digits below are dropped (never rounded, so a
+    # time never moves into the next second, day or year), and two readings of one
+    # meter that differ only there are one key: the second is a duplicate.
+    day = NOW.strftime("%Y-%m-%d")
+    items = [
+        m(f"{day}T10:00:00.123456789Z"),
+        m(f"{day}T10:00:00.123456001Z", power=200.0),
+        m(f"{day}T10:00:00.1234569Z", power=300.0),
+        m(f"{day}T23:59:59.9999999Z", power=400.0),
+    ]
+    answer = _post_by(path, api, monkeypatch, [json.dumps(i) for i in items])
+    assert answer.status == 200, answer.body
+    assert answer.body == {"accepted": 2, "duplicates": 2, "rejected": 0, "errors": []}
+    rows = api.sql("SELECT time, power_w FROM fleet.power_measurements ORDER BY time")
+    start = datetime.fromisoformat(f"{day}T00:00:00+00:00")
+    assert [(t.astimezone(UTC), p) for t, p in rows] == [
+        (start + timedelta(hours=10, microseconds=123456), 100.0),  # the first one sent is kept
+        (start + timedelta(hours=23, minutes=59, seconds=59, microseconds=999999), 400.0),
+    ]
+    again = api.post("measurements", [m(f"{day}T10:00:00.123456999Z")])
+    assert again.body["duplicates"] == 1
+
+
 def test_two_identical_batches_at_once_store_every_row_once(api: IngestClient) -> None:
     items = [m(NOW - timedelta(seconds=i), device=f"dev-{i % 7}") for i in range(400)]
     answers: list[Answer] = []
