@@ -108,13 +108,11 @@ class BodyParser:
                 valid.append(adapter.validate_json(payload))
                 indexes.append(index)
             except ValidationError as exc:
-                model = _with_lone_surrogates(batch_type, item) if _parser_refused(exc) else None
-                if model is None:
-                    rejects.append(Reject(index, _reasons(exc), payload))
-                elif isinstance(model, str):
-                    rejects.append(Reject(index, model, payload))
+                outcome = _judged_again(batch_type, item, exc)
+                if isinstance(outcome, str):
+                    rejects.append(Reject(index, outcome, payload))
                 else:
-                    valid.append(model)
+                    valid.append(outcome)
                     indexes.append(index)
         return self._finish(batch_type, valid, indexes, rejects, lambda i: payload_text(items[i]))
 
@@ -144,19 +142,19 @@ class BodyParser:
                 valid.append(adapter.validate_json(body[start:end]))
                 indexes.append(index)
             except ValidationError as exc:
-                model = None
+                item: Any = None
                 if _parser_refused(exc):
                     try:  # what json accepts and pydantic-core's parser does not: lone surrogates
-                        model = _with_lone_surrogates(batch_type, json.loads(body[start:end]))
+                        item = json.loads(body[start:end])
                     except ValueError:
                         raise BodyRefused("body is not valid JSON", "not JSON", body.decode("utf-8")) from None
                     except RecursionError:
                         pass  # nested too deep for json as well: rejected with the parser's reason
-                if model is None or isinstance(model, str):
-                    reason = model if isinstance(model, str) else _reasons(exc)
-                    rejects.append(Reject(index, reason, body[start:end].decode("utf-8")))
+                outcome = _judged_again(batch_type, item, exc)
+                if isinstance(outcome, str):
+                    rejects.append(Reject(index, outcome, body[start:end].decode("utf-8")))
                 else:
-                    valid.append(model)
+                    valid.append(outcome)
                     indexes.append(index)
         return self._finish(batch_type, valid, indexes, rejects, lambda i: body[slice(*spans[i])].decode("utf-8"))
 
@@ -234,15 +232,15 @@ def _parser_refused(exc: ValidationError) -> bool:
 _SURROGATE = re.compile("[\ud800-\udfff]")  # in text from json.loads: always alone
 
 
-def _with_lone_surrogates(batch_type: BatchType, item: Any) -> Any:
-    """An item json.loads parsed and pydantic-core's parser refused: one with a lone
-    surrogate escape such as ``\\ud800`` (valid JSON, not valid Unicode). None when
-    it holds none (the parser's reason stands). Unknown fields are ignored, whatever
-    they hold: the item is validated without them. A known field that holds one is
-    rejected with a reason (PostgreSQL cannot store it), together with anything else
-    wrong with the item; otherwise the validated item is returned."""
-    if not isinstance(item, dict):
-        return None
+def _judged_again(batch_type: BatchType, item: Any, exc: ValidationError) -> Any:
+    """An item the validation refused with ``exc``: the valid item, or the reason (a
+    str) it is rejected for. ``item`` is what json.loads made of it, when pydantic-core's
+    parser refused what json takes: a lone surrogate escape such as ``\\ud800`` (valid
+    JSON, not valid Unicode). Unknown fields are ignored, whatever they hold: the item
+    is validated without them. A known field that holds one rejects the item with a
+    reason (PostgreSQL cannot store it), together with anything else wrong with it."""
+    if not _parser_refused(exc) or not isinstance(item, dict):
+        return _reasons(exc)
     known = {key: value for key, value in item.items() if key in _FIELDS[batch_type]}
     unstorable: list[str] = []
     for key, value in known.items():
@@ -256,11 +254,11 @@ def _with_lone_surrogates(batch_type: BatchType, item: Any) -> Any:
             fixed = _SURROGATE.sub("\ufffd", text)
             known[key] = fixed if isinstance(value, str) else json.loads(fixed)
     if not unstorable and len(known) == len(item):
-        return None
+        return _reasons(exc)  # not what json takes and the parser does not
     try:
         model = _ONE[batch_type].validate_json(payload_text(known))
-    except ValidationError as exc:
-        return "; ".join([*unstorable, _reasons(exc)])
+    except ValidationError as again:
+        return "; ".join([*unstorable, _reasons(again)])
     return "; ".join(unstorable) if unstorable else model
 
 
