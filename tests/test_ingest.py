@@ -355,6 +355,19 @@ def test_envelope_errors_are_400_audited_and_quarantined(api: IngestClient, body
     assert api.one("SELECT payload FROM fleet.quarantine") == body
 
 
+def _post_by(path: str, api: IngestClient, monkeypatch: pytest.MonkeyPatch, items: list[str]) -> Answer:
+    """Measurements (each as its JSON text) in a body parsed whole, or item by item
+    from its bytes (as a body too large to parse whole is)."""
+    body = '{"items": [' + ", ".join(items) + "]}"
+    if path == "item-by-item":
+        from fleet.ingest import parse, spans
+
+        per_item = 12  # over what any item here holds, under what the body holds
+        assert spans.json_values(body.encode()) > per_item
+        monkeypatch.setattr(parse, "WHOLE_BODY_VALUES", per_item)
+    return api.post("measurements", body=body)
+
+
 def _rejected(api: IngestClient, bad: list[dict[str, Any]], good_count: int = 3) -> Answer:
     good = [m(NOW + timedelta(seconds=i), device="good") for i in range(good_count)]
     items: list[Any] = [good[0], *bad, *good[1:]]
@@ -416,6 +429,37 @@ def test_ids_over_64_characters_are_rejected(api: IngestClient) -> None:
     assert "64" in answer.body["errors"][0]["reason"]
 
 
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_an_id_made_only_of_whitespace_is_rejected_and_others_kept_as_sent(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    blank = [" ", "\t", "   \n ", "\u00a0", "\u3000\u2003"]
+    kept = [" meter-1", "meter-1 ", " \u00a0x\t"]
+    items = [m(NOW, device=d) for d in [*blank, *kept]]
+    answer = _post_by(path, api, monkeypatch, [json.dumps(i) for i in items])
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (len(kept), len(blank))
+    assert [e["index"] for e in answer.body["errors"]] == list(range(len(blank)))
+    assert all(e["reason"].startswith("device_id: must not be only whitespace") for e in answer.body["errors"])
+    stored = {r[0] for r in api.sql("SELECT device_id FROM fleet.power_measurements")}
+    assert stored == set(kept)  # never trimmed: ids are the client's own
+
+
+def test_a_site_or_device_id_made_only_of_whitespace_is_rejected(api: IngestClient) -> None:
+    sites = api.post("sites", [{"id": " ", "name": "Blank"}, {"id": " s1 ", "name": "Plant"}])
+    assert (sites.body["accepted"], sites.body["rejected"]) == (1, 1)
+    assert sites.body["errors"][0]["reason"].startswith("id: must not be only whitespace")
+    devices = api.post("devices", [{"id": "d1", "site_id": "\t", "name": "Meter"}])
+    assert devices.body["errors"][0]["reason"].startswith("site_id: must not be only whitespace")
+    assert api.sql("SELECT id FROM fleet.sites") == [(" s1 ",)]
+    assert api.one("SELECT count(*) FROM fleet.devices") == 0
+
+
+def test_a_nul_in_an_id_is_rejected_with_a_reason(api: IngestClient) -> None:
+    answer = _rejected(api, [m(NOW, device="a\x00b")])
+    assert "NUL" in answer.body["errors"][0]["reason"]
+
+
 def test_text_postgresql_cannot_store_is_rejected_not_fatal(api: IngestClient) -> None:
     body = '{{"items": [{}, {{"time": "{}", "device_id": "a\\u0000b"}}, {{"time": "{}", "device_id": "\\ud800"}}, {}, {}]}}'.format(
         json.dumps(m(NOW, device="good")),
@@ -428,6 +472,68 @@ def test_text_postgresql_cannot_store_is_rejected_not_fatal(api: IngestClient) -
     assert answer.status == 200
     assert answer.body["accepted"] == 3
     assert answer.body["rejected"] == 2
+
+
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_a_lone_surrogate_in_an_ignored_field_does_not_reject_the_item(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # json accepts a lone surrogate escape, pydantic-core's parser does not: an unknown
+    # field holding one (as a value, a key, deep inside) is ignored as any other.
+    t = NOW.isoformat()
+    items = [
+        json.dumps(m(NOW, device="good")),
+        f'{{"time": "{t}", "device_id": "a", "note": "\\ud800"}}',
+        f'{{"time": "{t}", "device_id": "b", "\\udc00key": 1}}',
+        f'{{"time": "{t}", "device_id": "c", "extra": {{"x": ["\\udbff", {{"\\ud800": 2}}]}}}}',
+        f'{{"time": "{t}", "device_id": "d", "pair": "\\ud83d\\ude00"}}',
+    ]
+    answer = _post_by(path, api, monkeypatch, items)
+    assert answer.status == 200, answer.body
+    assert answer.body == {"accepted": 5, "duplicates": 0, "rejected": 0, "errors": []}
+    assert [r[0] for r in api.sql("SELECT device_id FROM fleet.power_measurements ORDER BY 1")] == [
+        "a",
+        "b",
+        "c",
+        "d",
+        "good",
+    ]
+
+
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_a_lone_surrogate_in_a_known_field_is_rejected_with_a_reason(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    t = NOW.isoformat()
+    items = [
+        json.dumps(m(NOW, device="good")),
+        f'{{"time": "{t}", "device_id": "meter-\\ud800", "note": "\\udc00"}}',
+        '{"time": "not a time", "device_id": "\\udfff"}',
+        json.dumps(m(NOW + timedelta(seconds=1), device="good")),
+    ]
+    answer = _post_by(path, api, monkeypatch, items)
+    assert answer.status == 200, answer.body
+    assert (answer.body["accepted"], answer.body["rejected"]) == (2, 2)
+    errors = answer.body["errors"]
+    assert [e["index"] for e in errors] == [1, 2]
+    for error in errors:
+        assert error["reason"].startswith("device_id: holds a lone UTF-16 surrogate")
+        assert "PostgreSQL" in error["reason"]
+        assert "hex escape" not in error["reason"]
+    assert "time:" in errors[1]["reason"]  # what else is wrong is said too
+    # The item kept as sent: its JSON gives the surrogate back.
+    assert (
+        json.loads(api.one("SELECT payload FROM fleet.quarantine WHERE item_index = 1"))["device_id"] == "meter-\ud800"
+    )
+
+
+def test_a_site_or_device_with_a_lone_surrogate_only_in_an_ignored_field_lands(api: IngestClient) -> None:
+    sites = '{"items": [{"id": "s1", "name": "Plant", "legacy": "\\ud800"}]}'
+    assert api.post("sites", body=sites).body["accepted"] == 1
+    devices = '{"items": [{"id": "d1", "site_id": "s1", "name": "\\ud800"}]}'
+    answer = api.post("devices", body=devices)
+    assert (answer.body["accepted"], answer.body["rejected"]) == (0, 1)
+    assert answer.body["errors"][0]["reason"].startswith("name: holds a lone UTF-16 surrogate")
 
 
 @pytest.mark.parametrize(
@@ -481,6 +587,76 @@ def test_truncated_gzip_is_400(api: IngestClient) -> None:
     assert [r[0] for r in audit_rows(api)] == [400, 400]
 
 
+def _gzip_bodies() -> dict[str, bytes]:
+    whole = gzip.compress(json.dumps({"items": [m(NOW)]}).encode())
+    bad_crc = bytearray(whole)
+    bad_crc[-8] ^= 0xFF  # the CRC-32 of the trailer
+    bad_length = bytearray(whole)
+    bad_length[-1] ^= 0xFF  # the length of the trailer
+    bad_block = bytearray(whole)
+    bad_block[10] = 0xFF  # a reserved block type
+    return {
+        "not-gzip": b"not gzip at all",
+        "short-not-gzip": b"{}",
+        "json-not-gzip": json.dumps({"items": [m(NOW)]}).encode(),
+        "empty": b"",
+        "cut-short": whole[: len(whole) // 2],
+        "header-only": whole[:10],
+        "bad-crc": bytes(bad_crc),
+        "bad-length": bytes(bad_length),
+        "bad-block": bytes(bad_block),
+        "trailing-garbage": whole + b"garbage",
+        "second-member-cut-short": whole + whole[:20],
+    }
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("not-gzip", "body is not valid gzip"),
+        ("short-not-gzip", "body is not valid gzip"),
+        ("json-not-gzip", "body is not valid gzip"),
+        ("empty", "body is not valid gzip"),
+        ("cut-short", "gzip body is truncated"),
+        ("header-only", "gzip body is truncated"),
+        ("bad-crc", "gzip body is corrupt"),
+        ("bad-length", "gzip body is corrupt"),
+        ("bad-block", "gzip body is corrupt"),
+        ("trailing-garbage", "unexpected data after the gzip stream"),
+        ("second-member-cut-short", "gzip body is truncated"),
+    ],
+)
+def test_each_broken_gzip_body_is_400_saying_what_is_wrong(api: IngestClient, case: str, message: str) -> None:
+    answer = api.post("measurements", body=_gzip_bodies()[case], headers={"content-encoding": "gzip"})
+    assert answer.status == 400
+    assert answer.body["message"].startswith(message), answer.body["message"]
+    assert audit_rows(api)[-1][0] == 400
+    assert api.one("SELECT count(*) FROM fleet.power_measurements") == 0
+
+
+def test_a_gzip_body_of_several_members_is_read_whole(api: IngestClient) -> None:
+    # RFC 1952: a gzip file is a series of members; gunzip joins their contents.
+    body = json.dumps({"items": [m(NOW + timedelta(seconds=i)) for i in range(4)]}).encode()
+    members = b"".join(gzip.compress(body[i : i + 40]) for i in range(0, len(body), 40))
+    answer = api.post("measurements", body=members + b"\x00" * 8, headers={"content-encoding": "gzip"})
+    assert answer.status == 200, answer.body
+    assert answer.body["accepted"] == 4
+    # Thousands of empty members (20 bytes each) before them: read one by one as well.
+    empty = gzip.compress(b"") * 9_000
+    again = api.post("measurements", body=empty + members, headers={"content-encoding": "gzip"})
+    assert again.body["duplicates"] == 4
+    assert api.sql("SELECT decompressed_bytes FROM fleet.ingest_events ORDER BY id") == [(len(body),)] * 2
+
+
+def test_the_decompressed_cap_holds_across_gzip_members(api: IngestClient) -> None:
+    # Each member well under the cap (1,000,000 bytes here), all of them over it.
+    member = gzip.compress(b" " * 300_000)
+    body = gzip.compress(b'{"items": []}') + member * 4
+    answer = api.post("measurements", body=body, headers={"content-encoding": "gzip"})
+    assert answer.status == 413
+    assert "decompressed" in answer.body["message"]
+
+
 def test_token_with_a_bad_checksum_is_refused_without_a_lookup(api: IngestClient) -> None:
     token = api.token
     last = token[-1]
@@ -530,6 +706,33 @@ def test_a_row_repeated_inside_one_batch_counts_once(api: IngestClient) -> None:
     assert answer.body["accepted"] == 1
     assert answer.body["duplicates"] == 2
     assert api.one("SELECT count(*) FROM fleet.power_measurements") == 1
+
+
+@pytest.mark.parametrize("path", ["whole", "item-by-item"])
+def test_times_are_kept_to_the_microsecond_and_a_reading_below_it_is_a_duplicate(
+    api: IngestClient, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    # PostgreSQL keeps microseconds: the digits below are dropped (never rounded, so a
+    # time never moves into the next second, day or year), and two readings of one
+    # meter that differ only there are one key: the second is a duplicate.
+    day = NOW.strftime("%Y-%m-%d")
+    items = [
+        m(f"{day}T10:00:00.123456789Z"),
+        m(f"{day}T10:00:00.123456001Z", power=200.0),
+        m(f"{day}T10:00:00.1234569Z", power=300.0),
+        m(f"{day}T23:59:59.9999999Z", power=400.0),
+    ]
+    answer = _post_by(path, api, monkeypatch, [json.dumps(i) for i in items])
+    assert answer.status == 200, answer.body
+    assert answer.body == {"accepted": 2, "duplicates": 2, "rejected": 0, "errors": []}
+    rows = api.sql("SELECT time, power_w FROM fleet.power_measurements ORDER BY time")
+    start = datetime.fromisoformat(f"{day}T00:00:00+00:00")
+    assert [(t.astimezone(UTC), p) for t, p in rows] == [
+        (start + timedelta(hours=10, microseconds=123456), 100.0),  # the first one sent is kept
+        (start + timedelta(hours=23, minutes=59, seconds=59, microseconds=999999), 400.0),
+    ]
+    again = api.post("measurements", [m(f"{day}T10:00:00.123456999Z")])
+    assert again.body["duplicates"] == 1
 
 
 def test_two_identical_batches_at_once_store_every_row_once(api: IngestClient) -> None:

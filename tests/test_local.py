@@ -176,27 +176,39 @@ def test_local_invoke_of_push_equals_the_direct_handler(pg_server, monkeypatch, 
     assert local["measurements"]["rows"] == 120
 
 
-def test_start_api_serves_the_template_routes_with_gzip_and_404(admin_db_postgres: str) -> None:
-    with psycopg.connect(admin_db_postgres, autocommit=True) as conn:
+def _admin_stack(url: str) -> tuple[str, LocalStack]:
+    """An Admin stack on ``url`` and the token of its one customer."""
+    with psycopg.connect(url, autocommit=True) as conn:
         token = customers.create(conn, "DEV0001", "Dev").token
-    stack = _stack("admin", {"Parameters": {"DATABASE_URL": admin_db_postgres}})
+    return token, _stack("admin", {"Parameters": {"DATABASE_URL": url}})
+
+
+def _measurements_request(
+    base: str, token: str, body: bytes, headers: dict[str, str | bytes]
+) -> urllib.request.Request:
+    """A POST of a measurements batch to a local API at ``base``."""
+    return urllib.request.Request(
+        f"{base}/api/fleet/ingest",
+        data=body,
+        method="POST",
+        headers={
+            "Content-Type": "application/json",
+            "X-Customer-Token": token,
+            "X-Batch-Type": "measurements",
+            **headers,  # type: ignore[dict-item]  # http.client sends bytes as they are
+        },
+    )
+
+
+def test_start_api_serves_the_template_routes_with_gzip_and_404(admin_db_postgres: str) -> None:
+    token, stack = _admin_stack(admin_db_postgres)
     try:
         with serve_api(stack, port=0) as api:
             assert {r.route_key for r in api.routes} == {"POST /api/fleet/ingest", "GET /api/fleet/ingest/state"}
             body = gzip.compress(
                 json.dumps({"items": [{"time": "2026-11-01T00:00:00Z", "device_id": "m1", "power_w": 5}]}).encode()
             )
-            request = urllib.request.Request(
-                f"{api.url}/api/fleet/ingest",
-                data=body,
-                method="POST",
-                headers={
-                    "Content-Type": "application/json",
-                    "Content-Encoding": "gzip",
-                    "X-Customer-Token": token,
-                    "X-Batch-Type": "measurements",
-                },
-            )
+            request = _measurements_request(api.url, token, body, {"Content-Encoding": "gzip"})
             with urllib.request.urlopen(request, timeout=30) as resp:
                 assert resp.status == 200
                 assert json.loads(resp.read()) == {"accepted": 1, "duplicates": 0, "rejected": 0, "errors": []}
@@ -210,6 +222,49 @@ def test_start_api_serves_the_template_routes_with_gzip_and_404(admin_db_postgre
         stack.close()
     with psycopg.connect(admin_db_postgres) as conn:
         assert conn.execute("SELECT count(*) FROM fleet.power_measurements").fetchone() == (1,)
+
+
+def test_start_api_hands_on_utf8_header_values_as_api_gateway_does(admin_db_postgres: str) -> None:
+    # http.server reads header bytes as latin-1; API Gateway reads them as UTF-8.
+    token, stack = _admin_stack(admin_db_postgres)
+    cursors = ["zähler-7|2026-11-01T00:00:00Z", "計器-€-✓", "ascii-only"]
+    try:
+        with serve_api(stack, port=0) as api:
+            for i, cursor in enumerate(cursors):
+                body = json.dumps({"items": [{"time": f"2026-11-01T00:0{i}:00Z", "device_id": "m1"}]}).encode()
+                # Bytes go on the wire as they are (a str would be sent as latin-1).
+                request = _measurements_request(api.url, token, body, {"X-Push-Cursor": cursor.encode("utf-8")})
+                with urllib.request.urlopen(request, timeout=30) as resp:
+                    assert resp.status == 200
+            state = urllib.request.Request(f"{api.url}/api/fleet/ingest/state", headers={"X-Customer-Token": token})
+            with urllib.request.urlopen(state, timeout=30) as resp:
+                assert json.loads(resp.read())["ledger"]["measurements"]["cursor"] == cursors[-1]
+    finally:
+        stack.close()
+    with psycopg.connect(admin_db_postgres) as conn:
+        stored = [r[0] for r in conn.execute("SELECT client_cursor FROM fleet.ingest_events ORDER BY id")]
+    assert stored == cursors
+
+
+def test_start_api_header_bytes_that_are_not_utf8_become_replacement_characters() -> None:
+    from fleet_local.api import Route, serving
+
+    seen: list[dict[str, Any]] = []
+
+    def echo(event: dict[str, Any], context: Any) -> dict[str, Any]:
+        seen.append(event["headers"])
+        return {"statusCode": 200, "body": ""}
+
+    with serving([Route("POST", "/echo", echo)]) as api:
+        request = urllib.request.Request(
+            f"{api.url}/echo",
+            data=b"{}",
+            method="POST",
+            headers={"X-Push-Cursor": b"ok-\xff-\xc3\xa4"},  # type: ignore[dict-item]
+        )
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            assert resp.status == 200
+    assert seen[0]["x-push-cursor"] == "ok-\ufffd-ä"
 
 
 @pytest.mark.parametrize(

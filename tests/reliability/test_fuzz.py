@@ -134,7 +134,10 @@ _measurement = st.fixed_dictionaries(
         "time": st.datetimes(
             min_value=datetime(1990, 1, 1), max_value=datetime(2026, 11, 1), timezones=st.just(UTC)
         ).map(lambda d: d.isoformat()),
-        "device_id": st.text(st.characters(min_codepoint=1, max_codepoint=0xD7FF), min_size=1, max_size=64),
+        # Any id the contract takes: 1..64 characters, not only whitespace (ClientId).
+        "device_id": st.text(st.characters(min_codepoint=1, max_codepoint=0xD7FF), min_size=1, max_size=64).filter(
+            lambda s: not s.isspace()
+        ),
     },
     optional={name: st.one_of(st.none(), _finite) for name in ("power_w", "voltage_v", "energy_wh", "frequency_hz")},
 )

@@ -120,6 +120,15 @@ def _normalise(result: Any) -> tuple[int, dict[str, str], bytes]:
     return int(result["statusCode"]), headers, raw
 
 
+def _as_api_gateway_reads(value: str) -> str:
+    """A header value as API Gateway hands it to the function: its bytes read as
+    UTF-8 (http.server reads them as latin-1); bytes that are not UTF-8 become U+FFFD,
+    as the event, JSON, can hold only text."""
+    if value.isascii():
+        return value
+    return value.encode("latin-1", "replace").decode("utf-8", "replace")
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: LocalHttpApi
     protocol_version = "HTTP/1.1"
@@ -138,7 +147,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         headers: dict[str, str] = {}
         for key, value in self.headers.items():
-            key = key.lower()
+            key, value = key.lower(), _as_api_gateway_reads(value)
             headers[key] = f"{headers[key]},{value}" if key in headers else value
         event = build_event(self.command, self.path, headers, body, self.client_address[0], route.route_key)
         context = LocalLambdaContext(function_name=route.function_name, timeout_s=route.timeout_s)

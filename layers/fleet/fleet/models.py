@@ -20,10 +20,14 @@ from pydantic import AfterValidator, AwareDatetime, ConfigDict, Field, with_conf
 # relies on (fleet.ingest.codec.envelope_validator).
 NO_NUL = r"^[^\x00]+$"
 NO_NUL_OR_EMPTY = r"^[^\x00]*$"
-NUL_PATTERNS = (NO_NUL, NO_NUL_OR_EMPTY)
+# Client ids: 1..64 characters of text, as sent (never trimmed), not made only of
+# whitespace (Unicode White_Space): no NUL, and at least one other character.
+CLIENT_ID = r"^[^\x00]*[^\x00\s][^\x00]*$"
+# Each NUL pattern and what is left of it where the bytes tell there is no NUL (see
+# fleet.ingest.codec.envelope_validator): nothing, or the id's other half.
+NUL_PATTERNS = {NO_NUL: None, NO_NUL_OR_EMPTY: None, CLIENT_ID: r"\S"}
 
-# Client ids: 1..64 characters of text.
-ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=NO_NUL)]
+ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=CLIENT_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=256, strict=True, pattern=NO_NUL)]
 OptionalText = Annotated[str | None, Field(max_length=128, strict=True, pattern=NO_NUL_OR_EMPTY)]
 Metric = Annotated[float | None, Field(strict=True)]
@@ -111,5 +115,17 @@ _MESSAGES = {
 }
 
 
+# The patterns' meaning, for the person who reads the reason.
+_PATTERN_MESSAGES = {
+    NO_NUL: "must not hold a NUL character (\\u0000): PostgreSQL text cannot store one",
+    NO_NUL_OR_EMPTY: "must not hold a NUL character (\\u0000): PostgreSQL text cannot store one",
+    CLIENT_ID: "must not be only whitespace, nor hold a NUL character (\\u0000)",
+}
+
+
 def error_message(err: Any) -> str:
+    if err["type"] == "string_pattern_mismatch":
+        pattern = (err.get("ctx") or {}).get("pattern")
+        if pattern in _PATTERN_MESSAGES:
+            return _PATTERN_MESSAGES[pattern]
     return _MESSAGES.get(err["type"], str(err["msg"]))

@@ -8,6 +8,7 @@ refused as a whole raises ``BodyRefused`` with the excerpt the operator keeps.""
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -29,6 +30,7 @@ from fleet.models import ITEM_MODELS, BatchType, Measurement, error_message
 # keeps a parse under ~55 MB; nesting is bounded by pydantic-core's recursion limit.
 WHOLE_BODY_VALUES = 500_000
 _ONE = {bt: TypeAdapter(model) for bt, model in ITEM_MODELS.items()}
+_FIELDS = {bt: frozenset(model.__annotations__) for bt, model in ITEM_MODELS.items()}
 
 
 @dataclass
@@ -106,7 +108,12 @@ class BodyParser:
                 valid.append(adapter.validate_json(payload))
                 indexes.append(index)
             except ValidationError as exc:
-                rejects.append(Reject(index, _reasons(exc), payload))
+                outcome = _judged_again(batch_type, item, exc)
+                if isinstance(outcome, str):
+                    rejects.append(Reject(index, outcome, payload))
+                else:
+                    valid.append(outcome)
+                    indexes.append(index)
         return self._finish(batch_type, valid, indexes, rejects, lambda i: payload_text(items[i]))
 
     def _validate_spans(self, batch_type: BatchType, body: bytes) -> Parsed:
@@ -135,9 +142,20 @@ class BodyParser:
                 valid.append(adapter.validate_json(body[start:end]))
                 indexes.append(index)
             except ValidationError as exc:
-                if any(e["type"] == "json_invalid" and "recursion" not in e["msg"] for e in exc.errors()):
-                    raise BodyRefused("body is not valid JSON", "not JSON", body.decode("utf-8")) from None
-                rejects.append(Reject(index, _reasons(exc), body[start:end].decode("utf-8")))
+                item: Any = None
+                if _parser_refused(exc):
+                    try:  # what json accepts and pydantic-core's parser does not: lone surrogates
+                        item = json.loads(body[start:end])
+                    except ValueError:
+                        raise BodyRefused("body is not valid JSON", "not JSON", body.decode("utf-8")) from None
+                    except RecursionError:
+                        pass  # nested too deep for json as well: rejected with the parser's reason
+                outcome = _judged_again(batch_type, item, exc)
+                if isinstance(outcome, str):
+                    rejects.append(Reject(index, outcome, body[start:end].decode("utf-8")))
+                else:
+                    valid.append(outcome)
+                    indexes.append(index)
         return self._finish(batch_type, valid, indexes, rejects, lambda i: body[slice(*spans[i])].decode("utf-8"))
 
     def _finish(
@@ -204,6 +222,44 @@ def _envelope(body: bytes) -> list[Any]:
         named = ", ".join(json.dumps(k)[:40] for k in sorted(extra)[:5])
         raise BodyRefused(f"unknown top-level keys: {named}", "unknown keys", text)
     return doc["items"]
+
+
+def _parser_refused(exc: ValidationError) -> bool:
+    """pydantic-core's JSON parser refused the item (not its nesting depth)."""
+    return any(e["type"] == "json_invalid" and "recursion" not in e["msg"] for e in exc.errors())
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # in text from json.loads: always alone
+
+
+def _judged_again(batch_type: BatchType, item: Any, exc: ValidationError) -> Any:
+    """An item the validation refused with ``exc``: the valid item, or the reason (a
+    str) it is rejected for. ``item`` is what json.loads made of it, when pydantic-core's
+    parser refused what json takes: a lone surrogate escape such as ``\\ud800`` (valid
+    JSON, not valid Unicode). Unknown fields are ignored, whatever they hold: the item
+    is validated without them. A known field that holds one rejects the item with a
+    reason (PostgreSQL cannot store it), together with anything else wrong with it."""
+    if not _parser_refused(exc) or not isinstance(item, dict):
+        return _reasons(exc)
+    known = {key: value for key, value in item.items() if key in _FIELDS[batch_type]}
+    unstorable: list[str] = []
+    for key, value in known.items():
+        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        if _SURROGATE.search(text):
+            unstorable.append(
+                f"{key}: holds a lone UTF-16 surrogate (an escape such as \\ud800 without its pair),"
+                " which is not text PostgreSQL can store"
+            )
+            # The same length in characters, for the field's other checks.
+            fixed = _SURROGATE.sub("\ufffd", text)
+            known[key] = fixed if isinstance(value, str) else json.loads(fixed)
+    if not unstorable and len(known) == len(item):
+        return _reasons(exc)  # not what json takes and the parser does not
+    try:
+        model = _ONE[batch_type].validate_json(payload_text(known))
+    except ValidationError as again:
+        return "; ".join([*unstorable, _reasons(again)])
+    return "; ".join(unstorable) if unstorable else model
 
 
 def _reasons(exc: ValidationError) -> str:
