@@ -559,3 +559,54 @@ def test_without_a_usable_index_reconciliation_is_off_and_says_what_to_create(
         conn.execute(statement)
     ticks(service, clock, 8)
     assert verified(admin) == {"matched": len(DEVICES) * DAYS}
+
+
+def test_rows_the_ingest_refuses_for_a_whitespace_id_are_not_digested(aws: Any, admin: Admin, client_db: str) -> None:
+    """Readings of a meter whose id is only whitespace (an ASCII space, an ideographic
+    space) are rejected by the ingest: the portal's digests leave them out, as they
+    leave out what the Admin never stores, so their days match instead of staying
+    'missing' for ever."""
+    fill_portal(client_db)
+    with psycopg.connect(client_db) as conn:
+        for device in (" ", "\u3000", "\t\u00a0"):
+            conn.execute(
+                "INSERT INTO monitoring.power_measurements (time, device_id, power_w, energy_wh)"
+                " VALUES (%s, %s, 1.0, 2.0)",
+                (_day_start(FIRST_DAY) + timedelta(minutes=1), device),
+            )
+    clock = Clock()
+    clock.now = _day_start(FIRST_DAY + timedelta(days=DAYS + 2)).timestamp()
+    ticks(service_for(client_db, aws, admin, clock), clock, 8)
+    assert verified(admin) == {"matched": len(DEVICES) * DAYS}
+    # Sent, and rejected with a reason (once by the push, and not again by the healing).
+    assert admin.execute("SELECT count(*) FROM fleet.quarantine") == [(3,)], admin.execute(
+        "SELECT e.id, e.batch_type, e.accepted, e.rejected, q.reason FROM fleet.quarantine q"
+        " JOIN fleet.ingest_events e ON e.id = q.ingest_event_id"
+    )
+
+
+_AROUND_WHITE_SPACE = [chr(c) for c in (*range(0x09, 0x0E), 0x1C, 0x1F, 0x20, 0x85, 0xA0, 0x1680, 0x180E)] + [
+    chr(c) for c in (*range(0x2000, 0x200C), 0x2028, 0x2029, 0x202F, 0x205F, 0x3000, 0xFEFF, 0x61)
+]
+
+
+def test_the_push_and_postgresql_judge_an_id_of_one_character_as_the_ingest_does(empty_db: str) -> None:
+    """The portal's digests leave out what the ingest refuses; all three must agree
+    on which one-character ids are only whitespace (Python's and PostgreSQL's own
+    notions of a space differ from Unicode's White_Space, and from each other)."""
+    from fleet.models import WHITE_SPACE, ClientId, is_client_id
+    from pydantic import TypeAdapter, ValidationError
+
+    adapter = TypeAdapter(ClientId)
+
+    def ingest_takes(c: str) -> bool:
+        try:
+            adapter.validate_python(c)
+        except ValidationError:
+            return False
+        return True
+
+    with psycopg.connect(empty_db) as conn:
+        for c in _AROUND_WHITE_SPACE:
+            in_sql = conn.execute(f"SELECT %s ~ '[^{WHITE_SPACE}]'", (c,)).fetchone()[0]  # type: ignore[index]
+            assert ingest_takes(c) == is_client_id(c) == in_sql, hex(ord(c))

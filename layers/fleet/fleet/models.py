@@ -9,6 +9,7 @@ so one bad item is rejected with its index and a reason while the rest lands.
 
 from __future__ import annotations
 
+import re
 from datetime import date
 from enum import StrEnum
 from typing import Annotated, Any, NotRequired, TypedDict
@@ -26,6 +27,17 @@ CLIENT_ID = r"^[^\x00]*[^\x00\s][^\x00]*$"
 # Each NUL pattern and what is left of it where the bytes tell there is no NUL (see
 # fleet.ingest.codec.envelope_validator): nothing, or the id's other half.
 NUL_PATTERNS = {NO_NUL: None, NO_NUL_OR_EMPTY: None, CLIENT_ID: r"\S"}
+# Unicode White_Space (the \s of the pattern above), as a bracket expression's body that
+# Python's re and PostgreSQL's regular expressions read alike (their own \s and
+# [:space:] differ from it, and from each other).
+WHITE_SPACE = "\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+_NOT_WHITE_SPACE = re.compile(f"[^{WHITE_SPACE}]")
+
+
+def is_client_id(text: str) -> bool:
+    """An id the ingest takes (ClientId): 1..64 characters, no NUL, not only whitespace."""
+    return 1 <= len(text) <= 64 and "\x00" not in text and _NOT_WHITE_SPACE.search(text) is not None
+
 
 ClientId = Annotated[str, Field(min_length=1, max_length=64, strict=True, pattern=CLIENT_ID)]
 Name = Annotated[str, Field(min_length=1, max_length=256, strict=True, pattern=NO_NUL)]

@@ -9,7 +9,7 @@ from collections.abc import Callable
 import psycopg
 from psycopg import sql
 
-from fleet.models import MEASUREMENT_FIELDS
+from fleet.models import MEASUREMENT_FIELDS, WHITE_SPACE
 from fleet.push.catalogue import ResolvedTable
 from fleet.push.mapping import CURSOR_COLUMN
 from fleet.push.queries import cursor_key, number_expression
@@ -118,11 +118,13 @@ class DigestQueries:
     def _day_rows(self, phase: str, some_devices: bool, columns: str, also: str = "") -> str:
         """The ingestible rows of one day the cursor has passed (of some devices)."""
         at, device, xid = self._at, self._device, self._xid
-        # Rows the ingest stores: a device id of 1..64 characters, finite metrics.
+        # Rows the ingest stores: a device id of 1..64 characters, not only whitespace
+        # (fleet.models.CLIENT_ID), finite metrics.
         ingestible = " AND ".join(
             [
                 f"{device} IS NOT NULL",
                 f"length({device}) BETWEEN 1 AND 64",
+                f"{device} ~ '[^{WHITE_SPACE}]'",
                 *(f"coalesce(abs({m}) < 'Infinity'::float8, true)" for m in self._metrics),
             ]
         )

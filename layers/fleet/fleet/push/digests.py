@@ -33,6 +33,7 @@ from typing import Any
 import psycopg
 from botocore.exceptions import ClientError
 
+from fleet.models import is_client_id
 from fleet.observability import logger, metrics
 from fleet.push.catalogue import day_index_statement
 from fleet.push.codec import gzip_body
@@ -237,6 +238,8 @@ class DigestPush:
 
         def add(key: Key) -> bool:
             device, day = key
+            if not is_client_id(device):
+                return True  # the ingest refuses its rows: nothing of it to digest
             if day > today or (day not in work and len(work) >= s.days_per_tick):
                 return False
             devices = work.setdefault(day, set())
