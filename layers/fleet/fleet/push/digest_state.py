@@ -4,9 +4,13 @@ what is pending, found and re-sent."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
-from datetime import date
+from datetime import date, timedelta
 from typing import Any
+
+from fleet.models import is_client_id
+from fleet.reconcile import HEALABLE
 
 
 @dataclass(frozen=True)
@@ -58,3 +62,38 @@ class DigestState:
 
     def dumps(self) -> str:
         return json.dumps(vars(self), separators=(",", ":"), sort_keys=True)
+
+
+def choose(doc: DigestState, s: DigestSettings, now: float, today: date) -> dict[date, set[str] | None]:
+    """This tick's work, from the state and the clock: per day, the devices to digest
+    (None: every device of the day). The re-sent device-days to confirm, the changed
+    days pending, then the rolling re-check's days as its pace allows."""
+    work: dict[date, set[str] | None] = {}
+
+    def add(key: Key) -> bool:
+        device, day = key
+        if not is_client_id(device):
+            return True  # the ingest refuses its rows: nothing of it to digest
+        if day > today or (day not in work and len(work) >= s.days_per_tick):
+            return False
+        devices = work.setdefault(day, set())
+        if devices is not None:
+            devices.add(device)
+        return True
+
+    for text, o in doc.open.items():  # a re-sent device-day is confirmed
+        if o["o"] in HEALABLE and o["a"] <= s.heal_attempts and o.get("resent"):
+            add(parse_key(text))
+    for text in doc.pending:
+        add(parse_key(text))
+    # The rolling re-check: a round starts once a period after the last one began
+    # (and the last one is done), and is paced to end within 80 % of the period.
+    if doc.round_started_at is None or (doc.round_done >= s.horizon_days and now - doc.round_started_at >= s.period_s):
+        doc.round_started_at, doc.round_done = now, 0
+        doc.round_first_day = (today - timedelta(days=s.horizon_days)).isoformat()
+    due = min(s.horizon_days, math.ceil(s.horizon_days * (now - doc.round_started_at) / (0.8 * s.period_s)) + 1)
+    first = date.fromisoformat(doc.round_first_day or today.isoformat())
+    while doc.round_done < due and len(work) < s.days_per_tick:
+        work[first + timedelta(days=doc.round_done)] = None
+        doc.round_done += 1
+    return work

@@ -24,22 +24,20 @@ deleted. ``ReconcileUnhealed`` counts the device-days still differing after
 from __future__ import annotations
 
 import json
-import math
 import uuid
 from collections.abc import Callable
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime
 from typing import Any
 
 import psycopg
 from botocore.exceptions import ClientError
 
-from fleet.models import is_client_id
 from fleet.observability import logger, metrics
 from fleet.push.catalogue import day_index_statement
 from fleet.push.codec import gzip_body
 from fleet.push.cursor import Cursor
 from fleet.push.digest_queries import DigestQueries
-from fleet.push.digest_state import DigestSettings, DigestState, Key, key_text, parse_key
+from fleet.push.digest_state import DigestSettings, DigestState, Key, choose, key_text
 from fleet.push.mapping import MappingError
 from fleet.push.report import ResourceReport
 from fleet.push.responses import backoff_delay
@@ -161,7 +159,7 @@ class DigestPush:
             conn.execute(BEGIN_SNAPSHOT)
             self._devices = set(r[0] for r in conn.execute(queries.devices)) if queries.days_by == "device" else None
             self._scan_changed(conn, doc, cursor, deadline)
-            work = self._choose(doc, today)
+            work = choose(doc, self.settings, self.clock(), today)
             digests = self._digests(conn, cursor, work, deadline)
             differ = self._compare(doc, digests, cursor_text, rep)
             healed = self._heal(conn, doc, cursor, cursor_text, differ, rep)
@@ -230,42 +228,6 @@ class DigestPush:
                 break
         doc.position = position.encode()
         doc.pending = sorted(pending)
-
-    def _choose(self, doc: DigestState, today: date) -> dict[date, set[str] | None]:
-        """Per day, the devices to digest (None: every device of the day)."""
-        s = self.settings
-        work: dict[date, set[str] | None] = {}
-
-        def add(key: Key) -> bool:
-            device, day = key
-            if not is_client_id(device):
-                return True  # the ingest refuses its rows: nothing of it to digest
-            if day > today or (day not in work and len(work) >= s.days_per_tick):
-                return False
-            devices = work.setdefault(day, set())
-            if devices is not None:
-                devices.add(device)
-            return True
-
-        for text, o in doc.open.items():  # a re-sent device-day is confirmed
-            if o["o"] in HEALABLE and o["a"] <= s.heal_attempts and o.get("resent"):
-                add(parse_key(text))
-        for text in doc.pending:
-            add(parse_key(text))
-        # The rolling re-check: a round starts once a period after the last one began
-        # (and the last one is done), and is paced to end within 80 % of the period.
-        now = self.clock()
-        if doc.round_started_at is None or (
-            doc.round_done >= s.horizon_days and now - doc.round_started_at >= s.period_s
-        ):
-            doc.round_started_at, doc.round_done = now, 0
-            doc.round_first_day = (today - timedelta(days=s.horizon_days)).isoformat()
-        due = min(s.horizon_days, math.ceil(s.horizon_days * (now - doc.round_started_at) / (0.8 * s.period_s)) + 1)
-        first = date.fromisoformat(doc.round_first_day or today.isoformat())
-        while doc.round_done < due and len(work) < s.days_per_tick:
-            work[first + timedelta(days=doc.round_done)] = None
-            doc.round_done += 1
-        return work
 
     def _digests(
         self, conn: psycopg.Connection, cursor: Cursor, work: dict[date, set[str] | None], deadline: float
